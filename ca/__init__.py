@@ -1,0 +1,1 @@
+"""Certificate authority and leader election (issue 4)."""

@@ -1,0 +1,1 @@
+"""The meshnode agent: composition root, API, catalog, CLI."""

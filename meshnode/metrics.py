@@ -1,0 +1,134 @@
+"""Prometheus metrics of the gossip layer (STYLE.md rule 10).
+
+The gossip core already counts everything in ``Swim.stats``; copying those counters
+into prometheus objects on every event would double the bookkeeping on the hot path.
+Instead a custom collector reads the core at scrape time. It is registered on a
+registry the caller injects (one per agent, one per test), never on the global one:
+registering twice there raises ``Duplicated timeseries``.
+
+Names are ``meshnode_gossip_<thing>_<unit>``; counters get ``_total`` from the client.
+Every label takes values from a small fixed set (member states, transports, drop
+reasons, which are constants in the gossip code).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gossip.events import MemberState
+from gossip.swim import RTT_BUCKETS, Swim
+
+#: A drop reason that does not look like one of ours becomes "other", so a label can
+#: never take unbounded values, whatever the core one day puts there.
+_REASON_PATTERN: Final = re.compile(r"[a-z_]{1,32}")
+
+SwimSource = Callable[[], Swim | None]
+
+
+def _reason_label(reason: str) -> str:
+    return reason if _REASON_PATTERN.fullmatch(reason) else "other"
+
+
+class GossipCollector(Collector):
+    """Reads a ``Swim`` core at scrape time. ``source`` returns the core, or None
+    while it does not exist yet (then nothing is reported)."""
+
+    def __init__(self, source: SwimSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        # Without describe() the registry would call collect() at registration.
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        swim = self._source()
+        if swim is None:
+            return []
+        return self._families(swim)
+
+    def _families(self, swim: Swim | None) -> Iterator[Metric]:
+        members = GaugeMetricFamily(
+            "meshnode_gossip_members", "Members known, by state.", labels=["state"]
+        )
+        probes = CounterMetricFamily("meshnode_gossip_probes", "Failure-detection probes sent.")
+        probes_failed = CounterMetricFamily(
+            "meshnode_gossip_probes_failed", "Probes that got no ack, direct or indirect."
+        )
+        suspicions = CounterMetricFamily(
+            "meshnode_gossip_suspicions",
+            "Suspicions this member raised from its own failed probes.",
+        )
+        refutations = CounterMetricFamily(
+            "meshnode_gossip_refutations", "Times this member refuted a suspicion about itself."
+        )
+        push_pulls = CounterMetricFamily(
+            "meshnode_gossip_push_pulls", "Full state exchanges (anti-entropy and joins)."
+        )
+        dropped = CounterMetricFamily(
+            "meshnode_gossip_dropped_packets",
+            "Packets and stream messages dropped, by reason.",
+            labels=["reason"],
+        )
+        sent = CounterMetricFamily(
+            "meshnode_gossip_sent_bytes", "Bytes sent, by transport.", labels=["transport"]
+        )
+        received = CounterMetricFamily(
+            "meshnode_gossip_received_bytes", "Bytes received, by transport.", labels=["transport"]
+        )
+        queue = GaugeMetricFamily(
+            "meshnode_gossip_broadcast_queue_messages", "Broadcasts waiting to be piggybacked."
+        )
+        awareness = GaugeMetricFamily(
+            "meshnode_gossip_awareness_score",
+            "Lifeguard local health: 0 is healthy; probe interval × (score + 1).",
+        )
+        rtt = HistogramMetricFamily(
+            "meshnode_gossip_probe_rtt_seconds", "Round-trip time of successful probes."
+        )
+        if swim is not None:
+            stats = swim.stats
+            for state in MemberState:
+                members.add_metric([state.name.lower()], swim.count(state))
+            probes.add_metric([], stats.probes)
+            probes_failed.add_metric([], stats.probes_failed)
+            suspicions.add_metric([], stats.suspicions_started)
+            refutations.add_metric([], stats.refutations)
+            push_pulls.add_metric([], stats.push_pulls)
+            by_reason: dict[str, int] = {}
+            for reason, count in stats.dropped.items():
+                label = _reason_label(reason)
+                by_reason[label] = by_reason.get(label, 0) + count
+            for label, count in sorted(by_reason.items()):
+                dropped.add_metric([label], count)
+            sent.add_metric(["udp"], stats.bytes_sent)
+            sent.add_metric(["tcp"], stats.stream_bytes_sent)
+            received.add_metric(["udp"], stats.bytes_received)
+            received.add_metric(["tcp"], stats.stream_bytes_received)
+            queue.add_metric([], swim.broadcast_queue_depth)
+            awareness.add_metric([], swim.awareness)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*RTT_BUCKETS, float("inf")), stats.rtt_buckets, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            rtt.add_metric([], buckets, stats.rtt_sum)
+        yield from (members, probes, probes_failed, suspicions, refutations, push_pulls)
+        yield from (dropped, sent, received, queue, awareness, rtt)
+
+
+def register_gossip_metrics(registry: CollectorRegistry, source: SwimSource) -> GossipCollector:
+    """Register the gossip collector on ``registry`` and return it."""
+    collector = GossipCollector(source)
+    registry.register(collector)
+    return collector

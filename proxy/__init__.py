@@ -1,0 +1,1 @@
+"""The mTLS data plane (issue 5)."""
