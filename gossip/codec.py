@@ -184,7 +184,7 @@ def encode(message: Message) -> bytes:
         case User(payload):
             return bytes((MessageType.USER,)) + payload
         case Digest(digest, members, source, source_address, stable_for):
-            stable_ms = min(int(stable_for * 1000), 2**32 - 1)
+            stable_ms = min(max(0, round(stable_for * 1000)), 2**32 - 1)
             body = [digest, members, source, *_addr(source_address), stable_ms]
             return _pack(MessageType.DIGEST, body)
         case PushPull(join, members, user_state):
@@ -350,7 +350,8 @@ def decode_stream(data: bytes, max_members: int) -> Message:
         raise RemoteProtocolError("too_short")
     if data[0] != MessageType.PUSH_PULL:
         return decode_one(data)
-    f = _fields(_unpack(data[1:], max(max_members, 8)), 3)
+    # Let msgpack accept one record too many, so the count check below names it.
+    f = _fields(_unpack(data[1:], max(max_members + 1, 8)), 3)
     join = _bool(f[0])
     raw_records = f[1]
     if not isinstance(raw_records, list):

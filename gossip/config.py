@@ -61,6 +61,10 @@ class GossipConfig:
     """Largest UDP payload we send; fits a 1500-byte MTU with room for headers."""
     lifeguard: bool = True
     """Awareness, dynamic suspicion, nacks and the buddy system (Lifeguard §III)."""
+    relay_nack_fraction: float = 1.0
+    """A relay nacks after this fraction of probe_timeout without an ack. memberlist
+    waits the whole timeout, so nacks often reach the prober after its period ended
+    and count as missing; Lifeguard's paper nacks at 80 %."""
     tcp_fallback_probe: bool = True
     """Also probe over TCP when the UDP probe failed (memberlist protocol v3)."""
     reconnect_interval: float = 0.0
@@ -188,6 +192,7 @@ DEFAULT: Final = GossipConfig(
     suspicion_max_timeout_mult=4,
     retransmit_mult=2,
     retransmit_min=6,
+    relay_nack_fraction=0.8,
     gossip_interval=0.2,
     gossip_nodes=4,
     gossip_to_the_dead_time=30.0,

@@ -120,9 +120,7 @@ _RELAY, _SUSPICION, _REAP, _LEAVE = "relay", "suspicion", "reap", "leave"
 _RECHECK = "recheck"
 #: Bound on peers whose differing digest we have promised to look at again.
 MAX_RECHECKS: Final = 16
-#: Fractional parts of multiples of the golden ratio are spread as evenly as any
-#: sequence can be (three-distance theorem): good offsets for structured gossip.
-_GOLDEN: Final = 0.6180339887498949
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +205,18 @@ class _Record:
 def _ring_key(name: str) -> int:
     """A member's place on the structured-gossip ring."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+
+
+@functools.lru_cache(maxsize=256)
+def _ring_offset_fraction(index: int) -> float:
+    """Where, as a fraction of the ring, the ``index``-th gossip offset points.
+
+    Independent pseudo-random fractions, the same on every member. (Multiples of one
+    number, such as the golden ratio's, would make every offset a multiple of one
+    step: the ring graph would then be a long cycle, and news would crawl along it.)
+    """
+    digest = hashlib.blake2b(b"meshnode-ring-offset-%d" % index, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 @functools.lru_cache(maxsize=65536)
@@ -484,10 +494,13 @@ class Swim:
             if seed == self.address:
                 continue
             stream_id = self._open_push_pull(seed, join=True)
-            if stream_id is not None:
+            if stream_id is None:
+                self._join_failed.append(seed)
+            else:
                 self._join_pending.add(stream_id)
         if not self._join_pending:
             self._events.append(JoinCompleted(0, tuple(seeds)))
+            self._join_failed = []
 
     def preload(self, records: Sequence[MemberRecord], now: float) -> None:
         """Learn members without announcing them: no broadcasts, no events.
@@ -496,6 +509,8 @@ class Swim:
         others only through messages (``join``, gossip, push-pull).
         """
         self._now = now
+        ring = self._ring
+        self._ring = []  # rebuilt once below instead of one insertion per record
         for r in records:
             if r.name == self.name or r.name in self._members:
                 continue
@@ -503,6 +518,9 @@ class Swim:
             self._add_record(record)
             if r.state != ALIVE:
                 self._set_state(record, r.state, now)
+        ring.extend(self._ring)
+        ring.sort()
+        self._ring = ring
 
     def leave(self, now: float) -> None:
         """Tell the cluster we are leaving (others mark us *left*, not dead).
@@ -875,7 +893,7 @@ class Swim:
         self._send(request.target_address, codec.encode(ping), now)
         # memberlist nacks after the full probe timeout; Lifeguard's paper at 80 % of it,
         # so the nack reaches the prober before its own period ends.
-        wait = self.config.probe_timeout * (0.8 if self.config.direct_refute else 1.0)
+        wait = self.config.probe_timeout * self.config.relay_nack_fraction
         self._set_timer(_RELAY, self._seq, now + wait)
 
     def _relay_timeout(self, seq: int, now: float) -> None:
@@ -1100,7 +1118,7 @@ class Swim:
         offsets. Every member then has exactly L distinct in-neighbours for every
         message, instead of a Poisson(L) number of random senders, of which e^-L·(1-loss)
         are zero: with 10 % loss a member misses an update only if all L copies are
-        lost, and the ring with golden-ratio offsets is an expander, so news still
+        lost, and the ring with random offsets is an expander, so news still
         spreads in O(log N) rounds.
         """
         ring = self._ring
@@ -1112,7 +1130,7 @@ class Swim:
         sent = False
         for k in range(fanout):
             index = (self._gossip_round * fanout + k) % limit
-            offset = 1 + int(((index + 1) * _GOLDEN % 1.0) * (size - 1))
+            offset = 1 + int(_ring_offset_fraction(index) * (size - 1))
             record: _Record | None = None
             for step in range(size):
                 name = ring[(position + offset + step) % size][1]

@@ -192,6 +192,8 @@ class Wire:
             self._send_stream(sender, request)
 
     def _send_packet(self, sender: Swim, data: bytes, address: Address) -> None:
+        limit = sender.config.udp_buffer_size
+        assert len(data) <= limit, f"{sender.name} sent {len(data)} bytes; limit {limit}"
         receiver = self._by_address.get(address)
         if self.loss and self.rng.random() < self.loss:
             self.lost += 1

@@ -4,6 +4,7 @@ with ``RemoteProtocolError`` whatever a peer sends (h11's "the peer did wrong").
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import msgpack
 import pytest
@@ -77,9 +78,11 @@ packet_messages: st.SearchStrategy[Message] = st.one_of(
 stream_messages: st.SearchStrategy[Message] = st.one_of(packet_messages, push_pulls)
 
 
-def refused_reason(decoder: object, data: bytes) -> str:
+Decoder = Callable[[bytes], object]
+
+
+def refused_reason(decoder: Decoder, data: bytes) -> str:
     """Call the decoder; it must refuse with RemoteProtocolError. Returns the reason."""
-    assert callable(decoder)
     with pytest.raises(RemoteProtocolError) as info:
         decoder(data)
     assert info.value.reason, "a refusal must name its reason"
@@ -90,9 +93,8 @@ def decode_stream_default(data: bytes) -> Message:
     return decode_stream(data, MAX_MEMBERS)
 
 
-def only_remote_errors(decoder: object, data: bytes) -> None:
+def only_remote_errors(decoder: Decoder, data: bytes) -> None:
     """Feed ``data``; anything but success or RemoteProtocolError is a bug."""
-    assert callable(decoder)
     try:
         decoder(data)
     except RemoteProtocolError as exc:

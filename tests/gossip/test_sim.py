@@ -107,7 +107,7 @@ def test_using_a_key_before_everyone_installed_it_drops_packets() -> None:
 
 @pytest.mark.slow
 def test_lifeguard_keeps_healthy_members_alive_next_to_slow_ones() -> None:
-    kw = dict(scenario="false-positives", nodes=50, loss=0.10, slow=0.04, duration=900)
+    kw = dict(scenario="false-positives", nodes=40, loss=0.10, slow=0.05, duration=600)
     ours = sim.run(options(**kw))
     swim_only = sim.run(options(preset="swim", **kw))
     assert ours["slow_members"] == 2

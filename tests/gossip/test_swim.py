@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import pytest
 
 from gossip import codec
-from gossip.codec import Ack, Alive, Dead, MemberRecord, Ping, PushPull, Suspect
+from gossip.codec import Ack, Alive, Dead, IndirectPing, MemberRecord, Ping, PushPull, Suspect
 from gossip.config import GossipConfig, preset
+from gossip.delegate import Delegate
 from gossip.errors import LocalProtocolError
 from gossip.events import (
     JoinCompleted,
@@ -25,7 +27,7 @@ from gossip.events import (
     SuspicionRefuted,
 )
 from gossip.keyring import Envelope, Keyring
-from gossip.swim import Swim
+from gossip.swim import MAX_PENDING_STREAMS, MAX_RELAYS, Swim
 
 from .helpers import (
     Wire,
@@ -181,9 +183,9 @@ def test_silent_member_is_suspected_then_declared_dead() -> None:
     minimum, _ = config.suspicion_timeouts(2)  # too few members to confirm: k = 0
     dead_at = step_until(a, lambda: state_of(a, "b") == DEAD, limit=suspected + 60)
     assert dead_at == pytest.approx(suspected + minimum)
-    events = drain_events(a)
-    assert [type(e) for e in events] == [MemberFailed]
-    assert events[0].member.incarnation == 0, "only b may raise b's incarnation"
+    (failed,) = drain_events(a)
+    assert isinstance(failed, MemberFailed)
+    assert failed.member.incarnation == 0, "only b may raise b's incarnation"
 
 
 def test_silent_member_is_found_dead_in_a_cluster() -> None:
@@ -345,12 +347,12 @@ def test_buddy_system_pings_a_suspect_with_its_suspicion() -> None:
 
 
 def test_without_lifeguard_a_suspect_gets_a_plain_ping() -> None:
-    config = preset("swim")
+    config = preset("swim").replace(suspicion_mult=10)  # time for two probes
     a, b = pair(config)
     a.receive_packet(packet_for(a, Suspect(0, "b", "x")), address_of(9), 0.1)
-    drop(a, step_until(a, lambda: a.broadcast_queue_depth == 0, limit=1.5))
+    drop(a, step_until(a, lambda: a.broadcast_queue_depth == 0, limit=3.0))
     probes = a.stats.probes
-    step_until(a, lambda: a.stats.probes == probes + 1, limit=2.0, drop_output=False)
+    step_until(a, lambda: a.stats.probes == probes + 1, limit=4.0, drop_output=False)
     assert state_of(a, "b") == SUSPECT
     to_b = [opened(a, data) for data, address in a.packets_to_send() if address == b.address]
     probe_packets = [ms for ms in to_b if any(isinstance(m, Ping) for m in ms)]
@@ -376,9 +378,9 @@ def test_refutation_raises_incarnation_and_ends_the_suspicion() -> None:
     # direct_refute: the refutation goes straight to the accuser.
     assert transfer(b, a, 1.02) >= 1
     assert view(a)["b"] == (1, ALIVE)
-    events = drain_events(a)
-    assert [type(e) for e in events] == [MemberRecovered]
-    assert events[0].member.incarnation == 1
+    (recovered,) = drain_events(a)
+    assert isinstance(recovered, MemberRecovered)
+    assert recovered.member.incarnation == 1
     # The suspicion timer is gone: nothing fails later.
     a.receive_packet(packet_for(a, Ack(0)), b.address, 1.03)
     for deadline in (5.0, 20.0, 60.0):
@@ -697,3 +699,151 @@ def test_same_seed_same_run() -> None:
         ]
 
     assert run() == run()
+
+
+# ---------------------------------------------------------------------------- bounds
+
+
+def test_join_reports_every_seed_it_could_not_contact() -> None:
+    """More seeds than concurrent streams: every seed is either contacted or reported
+    failed in JoinCompleted, none silently forgotten."""
+    a = make_member("a", LAN)
+    seeds = [(f"10.2.{i // 256}.{i % 256}", 7946) for i in range(MAX_PENDING_STREAMS + 10)]
+    a.join(seeds, 0.0)
+    streams = a.streams_to_open()
+    assert len(streams) <= MAX_PENDING_STREAMS
+    for request in streams:
+        a.receive_stream_reply(request.stream_id, None, 1.0)
+    events = [e for e in drain_events(a) if isinstance(e, JoinCompleted)]
+    assert len(events) == 1
+    assert events[0].contacted == 0
+    assert sorted(events[0].failed) == sorted(seeds)
+
+
+def test_relayed_probes_are_bounded() -> None:
+    a = make_member("a", LAN)
+    for seq in range(MAX_RELAYS + 50):
+        request = IndirectPing(seq, "t", address_of(3), True, "s", address_of(4))
+        a.receive_packet(packet_for(a, request), address_of(4), 1.0)
+    pings = [p for p in a.packets_to_send() if p[1] == address_of(3)]
+    assert len(pings) == MAX_RELAYS
+    assert a.stats.dropped == {"relay_limit": 50}
+
+
+def test_relay_forwards_the_ack_and_nacks_when_the_target_is_silent() -> None:
+    relay = make_member("r", LAN)
+    relay.receive_packet(
+        packet_for(relay, IndirectPing(41, "t", address_of(3), True, "s", address_of(4))),
+        address_of(4),
+        1.0,
+    )
+    ((data, address),) = relay.packets_to_send()
+    assert address == address_of(3)
+    (ping,) = opened(relay, data)
+    assert isinstance(ping, Ping) and ping.target == "t"
+    relay.receive_packet(packet_for(relay, Ack(ping.seq)), address_of(3), 1.1)
+    forwarded = [(opened(relay, d), a) for d, a in relay.packets_to_send()]
+    assert forwarded == [([Ack(41)], address_of(4))]
+    # A second request whose target stays silent: a nack after the relay's wait.
+    relay.receive_packet(
+        packet_for(relay, IndirectPing(42, "t", address_of(3), True, "s", address_of(4))),
+        address_of(4),
+        2.0,
+    )
+    relay.packets_to_send()
+    nacks: list[codec.Message] = []
+    while not nacks:
+        deadline = relay.get_timer()
+        assert deadline is not None and deadline <= 2.0 + LAN.probe_timeout
+        relay.handle_timer(deadline)
+        nacks = [
+            m
+            for d, a in relay.packets_to_send()
+            if a == address_of(4)
+            for m in opened(relay, d)
+            if isinstance(m, codec.Nack)
+        ]
+    assert nacks == [codec.Nack(42)]
+
+
+def test_refuting_raises_awareness_and_awareness_stretches_the_probe_interval() -> None:
+    config = LAN
+    a = make_member("a", config)
+    a.receive_packet(packet_for(a, Alive(0, "b", address_of(1), b"")), address_of(1), 0.0)
+    for incarnation in range(3):
+        a.receive_packet(packet_for(a, Suspect(incarnation, "a", "b")), address_of(1), 0.1)
+    assert a.incarnation == 3
+    assert a.awareness == 3
+    probe_times: list[float] = []
+    while len(probe_times) < 3:
+        deadline = a.get_timer()
+        assert deadline is not None and deadline < 60.0
+        probes = a.stats.probes
+        a.handle_timer(deadline)
+        if a.stats.probes > probes:
+            probe_times.append(deadline)
+        answer_pings(a, deadline)  # every probe succeeds: awareness falls by one each
+    # The next probe is timed at each tick with the score then: 3, then 2 after a success.
+    intervals = [later - earlier for earlier, later in itertools.pairwise(probe_times)]
+    assert intervals == pytest.approx([4 * config.probe_interval, 3 * config.probe_interval])
+    assert a.awareness == 0
+
+
+def test_awareness_is_capped() -> None:
+    a = make_member("a", LAN)
+    for incarnation in range(20):
+        a.receive_packet(packet_for(a, Suspect(incarnation, "a", "b")), address_of(1), 0.1)
+    assert a.awareness == LAN.awareness_max_multiplier - 1
+
+
+class ChattyDelegate(Delegate):
+    """Offers as many user broadcasts as fit, of awkward sizes."""
+
+    def __init__(self) -> None:
+        self.sizes = itertools.cycle([1, 37, 300, 999, 5])
+        self.received = 0
+
+    def broadcasts(self, overhead: int, limit: int) -> list[bytes]:
+        out: list[bytes] = []
+        while True:
+            size = next(self.sizes)
+            if sum(len(m) + overhead for m in out) + size + overhead > limit:
+                return out
+            out.append(b"u" * size)
+
+    def notify_message(self, message: bytes) -> None:
+        self.received += 1
+
+
+def test_packets_never_exceed_the_udp_buffer_size() -> None:
+    """Big metadata everywhere, encryption overhead and user broadcasts competing for
+    room: every datagram still fits (the Wire asserts it on each send)."""
+    config = DEFAULT.replace(udp_buffer_size=1400)
+    wire = Wire(seed=13)
+    delegates = []
+    for i in range(12):
+        delegate = ChattyDelegate()
+        delegates.append(delegate)
+        wire.add(
+            Swim(
+                f"m{i}",
+                address_of(i),
+                config,
+                rng=random.Random(13 + i),
+                now=0.0,
+                delegate=delegate,
+                envelope=Envelope("prod", Keyring([KEY])),
+                meta=bytes([i]) * 512,
+            )
+        )
+    first = wire.members["m0"]
+    for name, member in wire.members.items():
+        if name != "m0":
+            wire.join(member, first)
+    wire.run_for(10.0)
+    assert wire.delivered > 100
+    assert all(d.received > 0 for d in delegates)
+    for seen in wire.views().values():
+        assert len(seen) == 12 and set(seen.values()) == {ALIVE}
+    for member in wire.members.values():
+        assert member.stats.dropped == {}, member.stats.dropped
