@@ -65,6 +65,10 @@ class GossipConfig:
     """A relay nacks after this fraction of probe_timeout without an ack. memberlist
     waits the whole timeout, so nacks often reach the prober after its period ended
     and count as missing; Lifeguard's paper nacks at 80 %."""
+    nack_gated_suspicion: bool = False
+    """meshnode, with Lifeguard: a failed probe accuses the target only if at least
+    one relay's nack came back; with none, we are the likelier fault (Lifeguard's own
+    reading of missing nacks), so we only raise our awareness score."""
     tcp_fallback_probe: bool = True
     """Also probe over TCP when the UDP probe failed (memberlist protocol v3)."""
     reconnect_interval: float = 0.0
@@ -193,6 +197,7 @@ DEFAULT: Final = GossipConfig(
     retransmit_mult=2,
     retransmit_min=6,
     relay_nack_fraction=0.8,
+    nack_gated_suspicion=True,
     gossip_interval=0.2,
     gossip_nodes=4,
     gossip_to_the_dead_time=30.0,

@@ -19,10 +19,11 @@ The network model:
   streams time out;
 * crashes — a crashed member handles nothing; streams to it are refused after one
   round trip (RST), datagrams vanish;
-* slow members — a slow member *stalls* now and then for ``stall_min..stall_max``
-  seconds; while stalled it handles nothing, and everything that arrived (and every
-  timer that came due) is handled, in order, when it wakes (what a GC pause or a
-  starved process looks like to its peers; Lifeguard §II).
+* slow members — now and then (every ``stall_every`` seconds on average) a slow
+  member handles messages late for ``stall_min..stall_max`` seconds: what arrives
+  waits, and is handled in arrival order when the episode ends, while the member's
+  own timers keep firing on time. It keeps probing but cannot see the acks, so it
+  suspects healthy peers: the overloaded member of Lifeguard §II.
 
 Bytes on the wire are counted per member with headers: 28 bytes per datagram (IPv4 +
 UDP) and, per stream, the payloads plus about 6 segments of 52 bytes per side.
@@ -66,6 +67,7 @@ TCP_SEGMENT_HEADER_BYTES = 52
 TCP_SEGMENTS_PER_SIDE = 6  # handshake share, FIN, ACKs of a short request/response
 
 _TIMER, _PACKET, _STREAM_REQUEST, _STREAM_REPLY, _STREAM_TIMEOUT, _ACTION = range(6)
+_INBOUND = frozenset((_PACKET, _STREAM_REQUEST, _STREAM_REPLY))
 
 
 # ----------------------------------------------------------------------------- delegate
@@ -331,8 +333,9 @@ class Simulation:
             node = members[index]
             if node.crashed:
                 continue
-            if node.stalled_until > when:
-                # Handled when it wakes, in arrival order.
+            if node.stalled_until > when and kind in _INBOUND:
+                # A slow member handles what arrives late, in arrival order, while its
+                # own timers keep firing: it probes, but cannot see the acks in time.
                 self._seq += 1
                 heapq.heappush(heap, (node.stalled_until, self._seq, kind, index, payload))
                 continue

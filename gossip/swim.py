@@ -149,6 +149,8 @@ class Statistics:
     stream_bytes_received: int = 0
     probes: int = 0
     probes_failed: int = 0
+    probes_inconclusive: int = 0
+    """Failed probes not turned into suspicions because no relay answered either."""
     suspicions_started: int = 0
     """Suspicions this member raised from its own failed probes."""
     refutations: int = 0
@@ -303,7 +305,7 @@ class Swim:
         self._relays: dict[int, _Relay] = {}
         self._rechecks: set[Address] = set()
         self._suspicions: dict[str, Suspicion] = {}
-        self._pending_streams: dict[int, tuple[str, object]] = {}
+        self._pending_streams: dict[int, tuple[str, object, int]] = {}
         self._join_pending: set[int] = set()
         self._join_contacted = 0
         self._join_failed: list[Address] = []
@@ -453,9 +455,11 @@ class Swim:
         purpose = self._pending_streams.pop(stream_id, None)
         if purpose is None:
             return
-        kind, detail = purpose
+        kind, detail, request_size = purpose
         message: Message | None = None
         if data is not None:
+            # Counted once answered: a refused connection carries no payload.
+            self.stats.stream_bytes_sent += request_size
             self.stats.stream_bytes_received += len(data)
             try:
                 message = codec.decode_stream(self.envelope.open(data), self.config.max_members)
@@ -695,8 +699,7 @@ class Swim:
         self._stream_id += 1
         sealed = self.envelope.seal(codec.encode(message))
         self.stats.streams_opened += 1
-        self.stats.stream_bytes_sent += len(sealed)
-        self._pending_streams[self._stream_id] = purpose
+        self._pending_streams[self._stream_id] = (purpose[0], purpose[1], len(sealed))
         self._streams.append(
             StreamRequest(self._stream_id, address, sealed, self.config.tcp_timeout)
         )
@@ -877,6 +880,12 @@ class Swim:
             self._apply_awareness(max(0, probe.expected_nacks - probe.nacks))
         else:
             self._apply_awareness(1)
+        if self.config.nack_gated_suspicion and probe.expected_nacks > 0 and probe.nacks == 0:
+            # Not one relay answered either: the likeliest broken party is us (we are
+            # not seeing replies in time), not the target. Accusing now is how a slow
+            # member produces false positives; someone healthy will probe it soon.
+            self.stats.probes_inconclusive += 1
+            return
         target = self._members.get(probe.target)
         if target is None or target.state not in (ALIVE, SUSPECT):
             return
@@ -1180,6 +1189,12 @@ class Swim:
         if self._leaving:
             return
         dead = [r for r in self._others if r.state == DEAD]
-        if dead:
+        if not dead:
+            return
+        # Serf's rule: try with probability dead/alive, so the cluster as a whole
+        # tries each dead member about once per interval, however large it is;
+        # after a partition (half the members dead) everyone tries at once.
+        alive = max(1, len(self._others) - len(dead))
+        if self.rng.random() < len(dead) / alive:
             target = dead[self.rng.randrange(len(dead))]
             self._open_push_pull(target.address, join=False)
