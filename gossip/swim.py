@@ -262,17 +262,19 @@ class Swim:
         now: float,
         delegate: Delegate | None = None,
         envelope: Envelope | None = None,
-        meta: bytes = b"",
+        meta: bytes | None = None,
         incarnation: int = 0,
     ) -> None:
         if not 0 < len(name) <= 128:
             raise LocalProtocolError("member name must be 1..128 characters")
+        self.delegate = delegate or Delegate()
+        if meta is None:
+            meta = self.delegate.node_meta(META_MAX_SIZE)
         if len(meta) > META_MAX_SIZE:
             raise LocalProtocolError(f"metadata is {len(meta)} bytes; at most {META_MAX_SIZE}")
         self.name = name
         self.config = config
         self.rng = rng
-        self.delegate = delegate or Delegate()
         self.envelope = envelope or Envelope()
         self.stats = Statistics()
 
