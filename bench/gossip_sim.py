@@ -25,29 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gossip.sim import Options, print_table, run
 
 
-def options(**kw: Any) -> Options:
-    base: dict[str, Any] = dict(
-        scenario="crash",
-        nodes=100,
-        loss=0.0,
-        seed=1,
-        preset="default",
-        duration=120.0,
-        repeat=1,
-        slow=0.0,
-        stall_min=1.0,
-        stall_max=5.0,
-        stall_every=30.0,
-        latency_ms=1.0,
-        crash_every=5.0,
-        updates=20,
-        partition_seconds=60.0,
-        quiet=True,
-    )
-    base.update(kw)
-    return Options(**base)
-
-
 def plan(quick: bool) -> list[tuple[str, dict[str, Any], list[str], dict[str, tuple[str, float]]]]:
     """(label, options, presets, targets{key: (op, bound)})."""
     big = 300 if quick else 1000
@@ -117,7 +94,7 @@ def main() -> int:
         rows = []
         for name in presets:
             started = time.monotonic()
-            result = run(options(preset=name, seed=args.seed, **kw))
+            result = run(Options(preset=name, seed=args.seed, **kw))
             result["wall_s"] = round(time.monotonic() - started, 1)
             rows.append(result)
             print(f"  {name}: done in {result['wall_s']} s", file=sys.stderr, flush=True)

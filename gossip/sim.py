@@ -433,22 +433,24 @@ class _Progress:
 
 @dataclass
 class Options:
-    scenario: str
-    nodes: int
-    loss: float
-    seed: int
-    preset: str
-    duration: float
-    repeat: int
-    slow: float
-    stall_min: float
-    stall_max: float
-    stall_every: float
-    latency_ms: float
-    crash_every: float
-    updates: int
-    partition_seconds: float
-    quiet: bool = False
+    """One simulator run; the defaults are ``meshnode sim``'s."""
+
+    scenario: str = "crash"
+    nodes: int = 100
+    loss: float = 0.0
+    seed: int = 1
+    preset: str = "default"
+    duration: float = 120.0
+    repeat: int = 1
+    slow: float = 0.0
+    stall_min: float = 1.0
+    stall_max: float = 5.0
+    stall_every: float = 30.0
+    latency_ms: float = 1.0
+    crash_every: float = 5.0
+    updates: int = 20
+    partition_seconds: float = 60.0
+    quiet: bool = True
 
 
 class _Watch:

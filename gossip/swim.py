@@ -122,7 +122,6 @@ _RECHECK = "recheck"
 MAX_RECHECKS: Final = 16
 
 
-
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
     """A stream exchange the adapter should run: connect, send ``payload`` as one

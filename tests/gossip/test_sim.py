@@ -13,24 +13,7 @@ from gossip.events import MemberState
 
 
 def options(**kw: Any) -> sim.Options:
-    base: dict[str, Any] = dict(
-        scenario="crash",
-        nodes=50,
-        loss=0.0,
-        seed=7,
-        preset="default",
-        duration=60.0,
-        repeat=1,
-        slow=0.0,
-        stall_min=1.0,
-        stall_max=5.0,
-        stall_every=30.0,
-        latency_ms=1.0,
-        crash_every=5.0,
-        updates=10,
-        partition_seconds=60.0,
-        quiet=True,
-    )
+    base: dict[str, Any] = dict(nodes=50, seed=7, duration=60.0, updates=10)
     base.update(kw)
     return sim.Options(**base)
 
