@@ -9,22 +9,135 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshnode.config import AgentConfig
+
+
+def _add_client_options(parser: argparse.ArgumentParser, *, formats: bool = True) -> None:
+    parser.add_argument(
+        "-http-addr", "--http-addr", default=None, help="agent API host:port (127.0.0.1:8500)"
+    )
+    parser.add_argument("-token", "--token", default=None, help="ACL token for writes")
+    if formats:
+        parser.add_argument("-format", "--format", default="table", choices=["table", "json"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshnode", description="meshnode service mesh")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    agent = commands.add_parser("agent", help="run the agent (meshnode agent --dev to try it)")
+    from meshnode.config import add_agent_arguments
+
+    add_agent_arguments(agent)
     commands.add_parser("keygen", help="print a new base64 gossip encryption key")
     # member and sim parse their own arguments (see main); listed here for --help.
-    commands.add_parser("member", help="run one gossip member (meshnode member --help)")
-    demo = commands.add_parser("demo", help="run a local 5-member demo cluster")
+    commands.add_parser("member", help="run one bare gossip member (meshnode member --help)")
+    demo = commands.add_parser("demo", help="run a local 5-member gossip demo cluster")
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
     demo.add_argument("--members", type=int, default=5, help=argparse.SUPPRESS)
     commands.add_parser("sim", help="gossip simulator (meshnode sim --help)")
-    members = commands.add_parser("members", help="list the members a running member sees")
-    members.add_argument("--http-addr", default="127.0.0.1:8500", help="member API host:port")
-    members.add_argument("-format", "--format", default="table", choices=["table", "json"])
+
+    members = commands.add_parser("members", help="the members an agent sees")
+    _add_client_options(members)
+    services = commands.add_parser("services", help="list, register or deregister services")
+    _add_client_options(services)
+    services_commands = services.add_subparsers(dest="services_command", metavar="ACTION")
+    register = services_commands.add_parser("register", help="register services from a file")
+    register.add_argument("file", type=Path)
+    deregister = services_commands.add_parser("deregister", help="deregister a service by ID")
+    deregister.add_argument("service_id")
+    services_commands.add_parser("list", help="this agent's services (the default)")
+    catalog = commands.add_parser("catalog", help="the cluster's catalog")
+    _add_client_options(catalog)
+    catalog.add_argument("what", choices=["services", "nodes"])
+    join = commands.add_parser("join", help="tell an agent to join a cluster")
+    _add_client_options(join, formats=False)
+    join.add_argument("addresses", nargs="+", metavar="ADDR")
+    for name, text in (
+        ("leave", "gracefully leave and stop the agent"),
+        ("reload", "reload service definitions and checks"),
+    ):
+        _add_client_options(commands.add_parser(name, help=text), formats=False)
+    info = commands.add_parser("info", help="the agent's configuration and statistics")
+    _add_client_options(info)
+    keyring = commands.add_parser("keyring", help="list, install, use or remove gossip keys")
+    _add_client_options(keyring)
+    keyring.add_argument("op", choices=["list", "install", "use", "remove"])
+    keyring.add_argument("key", nargs="?")
     return parser
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from meshnode.agent import run_agent
+    from meshnode.config import load_config
+    from meshnode.errors import ConfigError
+    from meshnode.logging import configure_logging
+
+    options = vars(args)
+    cwd = Path.cwd()
+
+    def load() -> AgentConfig:
+        return load_config(options, os.environ, cwd=cwd)
+
+    try:
+        config = load()
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    configure_logging(config.log_level, config.log_format)
+    try:
+        return asyncio.run(run_agent(config, load))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    import os
+
+    from meshnode import client
+
+    address = args.http_addr or os.environ.get("CONSUL_HTTP_ADDR") or client.DEFAULT_HTTP_ADDR
+    api = client.Client(address, args.token)
+    fmt = getattr(args, "format", "table")
+    try:
+        if args.command == "members":
+            client.members(api, fmt)
+        elif args.command == "services":
+            action = args.services_command or "list"
+            if action == "register":
+                client.services_register(api, args.file)
+            elif action == "deregister":
+                client.services_deregister(api, args.service_id)
+            else:
+                client.services_list(api, fmt)
+        elif args.command == "catalog":
+            if args.what == "services":
+                client.catalog_services(api, fmt)
+            else:
+                client.catalog_nodes(api, fmt)
+        elif args.command == "join":
+            client.join(api, args.addresses)
+        elif args.command == "leave":
+            client.leave(api)
+        elif args.command == "reload":
+            client.reload(api)
+        elif args.command == "info":
+            client.info(api, fmt)
+        elif args.command == "keyring":
+            if args.op != "list" and not args.key:
+                print(f"meshnode keyring {args.op}: a KEY is required", file=sys.stderr)
+                return 2
+            client.keyring(api, args.op, args.key, fmt)
+    except client.ClientError as exc:
+        print(f"meshnode {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return member.main(args_list[1:])
     args = build_parser().parse_args(args_list)
+    if args.command == "agent":
+        return _run_agent(args)
     if args.command == "keygen":
         from gossip.keyring import generate_key
 
@@ -48,11 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshnode import demo
 
         return demo.main(size=args.members, forever=args.forever)
-    if args.command == "members":
-        from meshnode import member
-
-        return member.print_members(args.http_addr, args.format)
-    raise AssertionError(f"unhandled command {args.command}")
+    return _run_client(args)
 
 
 if __name__ == "__main__":
