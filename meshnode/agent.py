@@ -59,7 +59,7 @@ from gossip.events import (
 )
 from gossip.keyring import Envelope, Keyring, decode_key
 from gossip.transport import GossipTransport, parse_host_port
-from meshnode import api
+from meshnode import api, systemd
 from meshnode.catalog import Catalog, CatalogDecodeError, CatalogDelegate, NodeRecord
 from meshnode.checks import CheckError, CheckRunner, CheckSpec
 from meshnode.config import AgentConfig
@@ -163,6 +163,7 @@ class Agent:
 
     def stop(self) -> None:
         """Ask ``run`` to shut down (without leaving the cluster)."""
+        systemd.stopping()
         self._stop.set()
 
     # ------------------------------------------------------------------ run
@@ -257,11 +258,16 @@ class Agent:
                 data_dir=str(self.data_dir.path),
                 dev=config.dev,
             )
+            # Ready before joining: a restarted agent already serves its saved state.
+            systemd.ready()
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self._join_cluster(stack)),
                     group.create_task(self._housekeeping()),
                 ]
+                watchdog_interval = systemd.watchdog_interval()
+                if watchdog_interval is not None:
+                    tasks.append(group.create_task(systemd.keep_watchdog_alive(watchdog_interval)))
                 if ready is not None:
                     ready(self)
                 await self._stop.wait()
@@ -470,20 +476,26 @@ class Agent:
     def _reload(self) -> None:
         if self._reload_config is None:
             return
+        systemd.reloading()
+        # READY=1 ends the reload whatever happened: systemd waits for it before the
+        # next reload (and, with Type=notify-reload, before `systemctl reload` returns).
         try:
-            config = self._reload_config()
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc))
-            return
-        configure_logging(config.log_level, config.log_format)
-        try:
-            self._register_config_services(config)
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc))
-            return
-        self.config = config
-        self.local_changed()
-        log.info("reloaded", services=len(config.services))
+            try:
+                config = self._reload_config()
+            except ConfigError as exc:
+                log.error("reload_failed", error=str(exc))
+                return
+            configure_logging(config.log_level, config.log_format)
+            try:
+                self._register_config_services(config)
+            except ConfigError as exc:
+                log.error("reload_failed", error=str(exc))
+                return
+            self.config = config
+            self.local_changed()
+            log.info("reloaded", services=len(config.services))
+        finally:
+            systemd.ready()
 
     # ------------------------------------------------------------------ AgentHandle
 
@@ -534,6 +546,7 @@ class Agent:
             return
         self._stopped_by_leave = True
         log.info("agent_leaving", node=self.config.node_name)
+        systemd.stopping()
         with contextlib.suppress(Exception):
             await self.transport.leave()
         self._stop.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -167,16 +168,36 @@ def info(client: Client, fmt: str) -> None:
                 print(f"\t{key} = {value}")
 
 
-def keyring(client: Client, op: str, key: str | None, fmt: str) -> None:
-    """Consul's ``keyring`` command over ``/v1/operator/keyring``."""
+def keyring(client: Client, op: str, key: str | None, fmt: str, wait: float = 30.0) -> None:
+    """Consul's ``keyring`` command over ``/v1/operator/keyring``.
+
+    A change is made at this agent and spreads by gossip; for ``install`` and ``use``
+    the command then waits (up to ``wait`` seconds) until every live member reports
+    the key, so the next rotation step is safe to take.
+    """
     method = {"list": "GET", "install": "POST", "use": "PUT", "remove": "DELETE"}[op]
     body = None if op == "list" else {"Key": key}
     data = client.call(method, "/v1/operator/keyring", body)
-    if op != "list":
+    if op == "list":
+        rows: list[list[object]] = [["Key", "Members", "Primary on"]]
+        for entry in data or []:
+            total = entry.get("NumNodes", "?")
+            primaries = entry.get("PrimaryKeys", {})
+            for k, count in sorted(entry.get("Keys", {}).items()):
+                rows.append([k, f"{count}/{total}", f"{primaries.get(k, 0)}/{total}"])
+        _emit(data, fmt, rows)
+        return
+    field = {"install": "Keys", "use": "PrimaryKeys"}.get(op)
+    if field is None:
         print(f"{op}: done")
         return
-    rows: list[list[object]] = [["Key", "Members"]]
-    for entry in data or []:
-        for k, count in sorted(entry.get("Keys", {}).items()):
-            rows.append([k, f"{count}/{entry.get('NumNodes', '?')}"])
-    _emit(data, fmt, rows)
+    deadline = time.monotonic() + wait
+    while True:
+        status = client.call("GET", "/v1/operator/keyring")[0]
+        have, total = status.get(field, {}).get(key, 0), status.get("NumNodes", 0)
+        if have >= total:
+            print(f"{op}: done on {have}/{total} members")
+            return
+        if time.monotonic() > deadline:
+            raise ClientError(f"{op}: only {have}/{total} members after {wait:.0f} s")
+        time.sleep(0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -36,7 +37,10 @@ def free_port() -> int:
 
 
 class AgentProcess:
-    def __init__(self, name: str, data_dir: Path, join: list[int]) -> None:
+    def __init__(
+        self, name: str, data_dir: Path, join: list[int], extra: list[str] | None = None
+    ) -> None:
+        self.extra = extra or []
         self.name = name
         self.data_dir = data_dir
         self.gossip_port = free_port()
@@ -63,6 +67,7 @@ class AgentProcess:
             f"127.0.0.1:{self.http_port}",
             "--log-format",
             "json",
+            *self.extra,
         ]
         if join:
             for port in self.join:
@@ -107,11 +112,30 @@ def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
     raise AssertionError(f"not within {within} s: {what} (last error: {last!r})")
 
 
+def start_cluster(tmp_path: Path, extra: list[str] | None = None) -> list[AgentProcess]:
+    first = AgentProcess("a1", tmp_path / "a1", [], extra)
+    agents = [first]
+    agents += [
+        AgentProcess(f"a{i}", tmp_path / f"a{i}", [first.gossip_port], extra) for i in (2, 3)
+    ]
+    return agents
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[AgentProcess]]:
-    first = AgentProcess("a1", tmp_path / "a1", [])
-    agents = [first]
-    agents += [AgentProcess(f"a{i}", tmp_path / f"a{i}", [first.gossip_port]) for i in (2, 3)]
+    yield from run_cluster(start_cluster(tmp_path))
+
+
+@pytest.fixture
+def encrypted_cluster(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+    yield from run_cluster(start_cluster(tmp_path, ["--encrypt", OLD_KEY]))
+
+
+OLD_KEY = base64.b64encode(bytes(range(32))).decode()
+NEW_KEY = base64.b64encode(bytes(range(32, 64))).decode()
+
+
+def run_cluster(agents: list[AgentProcess]) -> Iterator[list[AgentProcess]]:
     try:
         for agent in agents:
             agent.start()
@@ -192,3 +216,42 @@ def test_bad_input_is_refused_and_changes_nothing(cluster: list[AgentProcess]) -
         assert info.value.code == 400
         assert info.value.read()  # says what is wrong
     assert a1.get("/v1/agent/services") == before
+
+
+def test_keyring_rotates_across_the_cluster_without_failures(
+    encrypted_cluster: list[AgentProcess],
+) -> None:
+    a1, _, a3 = encrypted_cluster
+    wait_for(lambda: len(a3.get("/v1/agent/members")) == 3, 20, "three members")
+    seen_states: set[int] = set()
+
+    def keyring() -> dict[str, Any]:
+        for agent in encrypted_cluster:
+            seen_states.update(m["Status"] for m in agent.get("/v1/agent/members"))
+        entries: list[dict[str, Any]] = a1.get("/v1/operator/keyring")
+        return entries[0]
+
+    def step(method: str, key: str) -> None:
+        body = json.dumps({"Key": key}).encode()
+        request = urllib.request.Request(a1.url("/v1/operator/keyring"), data=body, method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+
+    step("POST", NEW_KEY)
+    wait_for(lambda: keyring()["Keys"].get(NEW_KEY) == 3, 15, "new key installed everywhere")
+    step("PUT", NEW_KEY)
+    wait_for(lambda: keyring()["PrimaryKeys"].get(NEW_KEY) == 3, 15, "new key primary everywhere")
+    step("DELETE", OLD_KEY)
+    wait_for(lambda: OLD_KEY not in keyring()["Keys"], 15, "old key removed at a1")
+    for agent in encrypted_cluster:
+        gossip = agent.get("/v1/mesh/gossip")
+        wait_for(
+            lambda a=agent: len(a.get("/v1/mesh/gossip")["KeyFingerprints"]) == 1,
+            15,
+            f"old key removed at {agent.name}",
+        )
+        assert gossip["Stats"]["dropped"].get("decrypt_failed", 0) == 0, gossip
+    # Nobody was ever seen as failed, and the cluster still talks (on the new key only).
+    assert seen_states == {1}, seen_states
+    a1.put("/v1/agent/service/register", {"Name": "after-rotation", "Port": 1})
+    wait_for(lambda: "after-rotation" in a3.get("/v1/catalog/services"), 10, "still gossiping")
