@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from meshnode.demo import MemberProcess, fetch_json, kill_all, spawn_member, wait_ready
+from meshnode.procs import MemberProcess, fetch_json, kill_all, spawn_member, wait_ready
 
 #: Polling period of the members' APIs; it bounds the timing resolution.
 POLL = 0.1

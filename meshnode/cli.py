@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("keygen", help="print a new base64 gossip encryption key")
     # member and sim parse their own arguments (see main); listed here for --help.
     commands.add_parser("member", help="run one bare gossip member (meshnode member --help)")
-    demo = commands.add_parser("demo", help="run a local 5-member gossip demo cluster")
+    demo = commands.add_parser("demo", help="run a local 3-agent demo cluster")
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
-    demo.add_argument("--members", type=int, default=5, help=argparse.SUPPRESS)
+    demo.add_argument("--members", type=int, default=3, help=argparse.SUPPRESS)
     commands.add_parser("sim", help="gossip simulator (meshnode sim --help)")
 
     members = commands.add_parser("members", help="the members an agent sees")

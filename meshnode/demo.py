@@ -1,227 +1,192 @@
-"""``meshnode demo``: a local cluster of member processes, failing and healing on cue.
+"""``meshnode demo``: the control plane at work on three local agents, in ~40 s.
 
-It starts five ``meshnode member`` processes on 127.0.0.1 (random free ports), then
-prints the membership matrix (row: the member, column: who reports it) whenever it
-changes, while it
+It starts real ``meshnode agent`` processes on 127.0.0.1 (free ports, data dirs in a
+temp dir) and a tiny HTTP "web" service inside this process, then, watching everything
+through the agents' own HTTP API:
 
-1. waits for every member to see every other alive,
-2. kills one with SIGKILL and shows it go suspect, then failed, everywhere,
-3. stops another with SIGTERM and shows it *left* (a graceful leave),
-4. restarts the killed one under the same name and shows it rejoin.
+1. starts the agents (agent2 and agent3 join agent1) and prints the members agent3 sees;
+2. registers ``web`` at agent1 with an HTTP health check; agent3's catalog lists it and
+   ``/v1/health/service/web?passing`` returns it;
+3. makes ``web`` answer 500: agent3 sees it critical; then healthy again;
+4. ``kill -9`` agent1: agent3 marks it failed, and ``web`` critical through serfHealth;
+5. restarts agent1 with no join address: it rejoins from its saved members, serves its
+   registration from disk, and ``web`` is passing again;
+6. SIGTERMs agent2: agent3 sees it *left*, not failed;
+7. prints the timings and stops everything (exit 0; 1 if a step did not happen).
 
-Then it stops the rest and exits 0 (or keeps watching with ``--forever``). Every child
-process it started is stopped and reaped on any exit, Ctrl-C included.
+With ``--forever`` it brings agent2 back, prints the addresses, and keeps the cluster up
+until Ctrl-C. Every child process is stopped and reaped, and the temp dir removed, on
+any exit (Ctrl-C and SIGTERM included).
 
-The process helpers (``MemberProcess``, ``spawn_member``...) are shared with the
-end-to-end tests and ``bench/gossip_live.py``.
+The process helpers live in ``meshnode.procs``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
+from aiohttp import web
 
-#: How long a member process may take to start (imports take ~1 s of CPU; several
-#: start at once on a small machine).
-START_TIMEOUT: Final = 30.0
-#: Grace period between SIGTERM (graceful leave) and SIGKILL when cleaning up.
-STOP_GRACE: Final = 5.0
-STATUS_NAMES: Final = {1: "alive", 2: "leaving", 3: "left", 4: "failed"}
+from meshnode.client import SERF_STATUS, print_table
+from meshnode.procs import (
+    AgentProcess,
+    fetch_json,
+    kill_agents,
+    start_agent,
+    stop_agent,
+    wait_agent_ready,
+)
 
+T = TypeVar("T")
 
-@dataclass(slots=True)
-class MemberProcess:
-    """One ``meshnode member`` child process and the ports it reported."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    ready_file: Path
-    log_path: Path
-    http_port: int = 0
-    gossip_port: int = 0
-    args: list[str] = field(default_factory=list)
-
-    @property
-    def running(self) -> bool:
-        return self.process.returncode is None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def kill(self) -> None:
-        """SIGKILL: the member gets no chance to say goodbye."""
-        if self.running:
-            self.process.kill()
-
-    def terminate(self) -> None:
-        """SIGTERM: the member leaves gracefully."""
-        if self.running:
-            self.process.terminate()
-
-    def signal(self, number: int) -> None:
-        if self.running:
-            self.process.send_signal(number)
+#: Agents in the demo (``--members``); the scenario needs three roles.
+DEFAULT_AGENTS: Final = 3
+MIN_AGENTS: Final = 3
+MAX_AGENTS: Final = 9
+#: Seconds to let the viewer read each step's outcome before the next one.
+PAUSE: Final = 4.5
+#: How often the demo polls the agents; it bounds the timing resolution.
+POLL: Final = 0.1
+SERVICE: Final = "web"
+SERVICE_ID: Final = "web-1"
+CHECK_ID: Final = f"service:{SERVICE_ID}"
+INDENT: Final = " " * 10
 
 
-def member_command(
-    name: str,
-    ready_file: Path,
-    *,
-    join: Sequence[str] = (),
-    preset: str = "default",
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "meshnode.cli",
-        "member",
-        "--name",
-        name,
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--preset",
-        preset,
-        "--log-format",
-        "json",
-        "--ready-file",
-        str(ready_file),
-    ]
-    for seed in join:
-        args += ["--join", seed]
-    return args + list(extra_args)
+class StepFailed(Exception):
+    """A step did not happen in time; the message says which."""
 
 
-async def spawn_member(
-    name: str,
-    workdir: Path,
-    *,
-    join: Sequence[str] = (),
-    preset: str = "default",
-    extra_args: Sequence[str] = (),
-) -> MemberProcess:
-    """Start a member process (its output goes to ``workdir/<name>.log``)."""
-    ready_file = workdir / f"{name}.ready.json"
-    ready_file.unlink(missing_ok=True)
-    log_path = workdir / f"{name}.log"
-    args = member_command(name, ready_file, join=join, preset=preset, extra_args=extra_args)
-    with log_path.open("ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only us, and we stop
-            # the children in order (they must not all leave at once on their own).
-            start_new_session=True,
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One row of ``/v1/health/service/web`` as an agent reports it."""
+
+    node: str
+    service: str
+    address: str
+    status: str
+    checks: tuple[tuple[str, str], ...]
+
+
+# --------------------------------------------------------------------------- web
+
+
+class WebService:
+    """The demo's "web" service: answers 200, or 500 while ``failing``.
+    ``POST /fail`` and ``POST /recover`` flip it (for ``--forever`` users)."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.method == "POST" and request.path in ("/fail", "/recover"):
+            self.failing = request.path == "/fail"
+        if self.failing:
+            return web.Response(status=500, text="web: failing on purpose\n")
+        return web.Response(text="hello from web\n")
+
+    async def start(self) -> None:
+        """Serve on 127.0.0.1 on a free port (``port``), in the running loop."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.port = next(
+            int(address[1]) for address in self._runner.addresses if isinstance(address, tuple)
         )
-    return MemberProcess(name, process, ready_file, log_path, args=args)
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
 
-async def wait_ready(member: MemberProcess, within: float = START_TIMEOUT) -> None:
-    """Wait for the ready file; raises RuntimeError if the process dies or is slow."""
-    deadline = time.monotonic() + within
-    while True:
-        if member.ready_file.exists():
-            data = json.loads(member.ready_file.read_text())
-            member.http_port = int(data["http_port"])
-            member.gossip_port = int(data["gossip_port"])
-            return
-        if not member.running:
-            tail = member.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(
-                f"member {member.name} exited with {member.process.returncode}: {tail}"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"member {member.name} not ready after {within} s")
-        await asyncio.sleep(0.05)
+# --------------------------------------------------------------------------- views
 
 
-async def stop_process(member: MemberProcess, grace: float = STOP_GRACE) -> int:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps. Returns the code."""
-    process = member.process
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            async with asyncio.timeout(grace):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-    return await process.wait()
-
-
-async def kill_all(members: Iterable[MemberProcess]) -> None:
-    """SIGKILL and reap every process still running (cleanup on any exit)."""
-    chosen = list(members)
-    for member in chosen:
-        with contextlib.suppress(ProcessLookupError):
-            member.kill()
-    for member in chosen:
-        await member.process.wait()
-
-
-async def fetch_json(session: aiohttp.ClientSession, url: str) -> Any:
-    """GET ``url`` as JSON, or None if the member does not answer."""
-    try:
-        async with session.get(url) as response:
-            if response.status != 200:
-                return None
-            return await response.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+def member_statuses(reply: object) -> dict[str, str] | None:
+    """``/v1/agent/members`` as name → status word (as ``meshnode members`` shows it)."""
+    if not isinstance(reply, list):
         return None
+    return {str(m["Name"]): member_status(m) for m in reply}
 
 
-def status_of(entry: dict[str, Any]) -> str:
-    """A member entry of /v1/agent/members as one word."""
-    if entry.get("State") == "suspect":
-        return "suspect"
-    return STATUS_NAMES.get(int(entry.get("Status", 0)), "?")
+def member_status(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("State") or SERF_STATUS.get(entry.get("Status", 0), "unknown"))
 
 
-async def membership_views(
-    session: aiohttp.ClientSession, members: Sequence[MemberProcess]
-) -> dict[str, dict[str, str]]:
-    """observer name → {member name → status word}, for every running member."""
-    running = [m for m in members if m.running and m.http_port]
-    replies = await asyncio.gather(
-        *(fetch_json(session, m.http_url + "/v1/agent/members") for m in running)
-    )
-    views: dict[str, dict[str, str]] = {}
-    for member, reply in zip(running, replies, strict=True):
-        if isinstance(reply, list):
-            views[member.name] = {str(e["Name"]): status_of(e) for e in reply}
-    return views
+def members_rows(reply: object) -> list[list[object]]:
+    """``meshnode members``'s table."""
+    rows: list[list[object]] = [["Node", "Address", "Status"]]
+    for m in reply if isinstance(reply, list) else []:
+        rows.append([m["Name"], f"{m['Addr']}:{m['Port']}", member_status(m)])
+    return rows
 
 
-def render_matrix(names: Sequence[str], views: dict[str, dict[str, str]]) -> str:
-    width = max(8, *(len(n) + 1 for n in names))
-    header = "member".ljust(width) + " │ " + "".join(n.ljust(width) for n in names)
-    lines = [header, "─" * width + "─┼─" + "─" * (width * len(names))]
-    for subject in names:
-        cells = []
-        for observer in names:
-            view = views.get(observer)
-            cells.append(("(down)" if view is None else view.get(subject, "·")).ljust(width))
-        lines.append(subject.ljust(width) + " │ " + "".join(cells))
-    return "\n".join(lines)
+def instances(reply: object) -> list[Instance] | None:
+    """``/v1/health/service/:name`` as rows; the status is the worst check's."""
+    if not isinstance(reply, list):
+        return None
+    rows = []
+    for entry in reply:
+        service = entry["Service"]
+        checks = tuple((str(c["CheckID"]), str(c["Status"])) for c in entry["Checks"])
+        statuses = {status for _, status in checks}
+        worst = next((s for s in ("critical", "warning") if s in statuses), "passing")
+        address = service.get("Address") or entry["Node"].get("Address", "")
+        rows.append(
+            Instance(
+                str(entry["Node"]["Node"]),
+                str(service["Service"]),
+                f"{address}:{service['Port']}",
+                worst,
+                checks,
+            )
+        )
+    return rows
+
+
+def instance_rows(found: Sequence[Instance]) -> list[list[object]]:
+    rows: list[list[object]] = [["Node", "Service", "Address", "Status", "Checks"]]
+    for i in found:
+        checks = " ".join(f"{check}={status}" for check, status in i.checks)
+        rows.append([i.node, i.service, i.address, i.status, checks])
+    return rows
+
+
+def table(rows: Sequence[Sequence[object]]) -> str:
+    """``meshnode members``'s table style, indented under the timestamped lines."""
+    out = io.StringIO()
+    print_table(rows, out)
+    return "\n".join(INDENT + line for line in out.getvalue().splitlines())
+
+
+def web_status(found: Sequence[Instance] | None, node: str) -> str:
+    """Status of ``node``'s web instance, or "absent" / "no answer"."""
+    if found is None:
+        return "no answer"
+    return next((i.status for i in found if i.node == node), "absent")
+
+
+# --------------------------------------------------------------------------- the demo
 
 
 class Demo:
@@ -231,137 +196,435 @@ class Demo:
         self.workdir = workdir
         self.size = size
         self.forever = forever
-        self.names = [f"node{i + 1}" for i in range(size)]
-        self.members: dict[str, MemberProcess] = {}
-        self.all_processes: list[MemberProcess] = []
+        self.agents = [AgentProcess.create(f"agent{i + 1}", workdir) for i in range(size)]
+        self.first, self.leaver, self.observer = self.agents[0], self.agents[1], self.agents[2]
+        #: Every process ever started, restarts included: all are reaped on exit.
+        self.children: list[asyncio.subprocess.Process] = []
+        self.web = WebService()
         self.started = time.monotonic()
-        self.last_matrix = ""
+        self.timings: list[tuple[str, float]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ output
 
     def say(self, text: str) -> None:
-        print(f"\n[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+        print(f"[{time.monotonic() - self.started:5.1f}s] {text}", flush=True)
 
-    async def start(self, name: str, join: Sequence[str]) -> MemberProcess:
-        member = await spawn_member(name, self.workdir, join=join)
-        self.members[name] = member
-        self.all_processes.append(member)
-        return member
+    def step(self, number: int, text: str) -> None:
+        print(flush=True)
+        self.say(f"── {number}. {text}")
 
-    async def watch_until(
+    def show(self, text: str) -> None:
+        print(text, flush=True)
+
+    async def pause(self, seconds: float | None = None) -> None:
+        """Time to read; the mesh keeps running meanwhile."""
+        await asyncio.sleep(PAUSE if seconds is None else seconds)
+
+    # ------------------------------------------------------------------ HTTP
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    async def get(self, agent: AgentProcess, path: str) -> Any:
+        return await fetch_json(self.session, agent.http_url + path)
+
+    async def put(self, agent: AgentProcess, path: str, body: object) -> None:
+        try:
+            async with self.session.put(agent.http_url + path, json=body) as response:
+                if response.status != 200:
+                    detail = (await response.text()).strip()
+                    raise StepFailed(f"PUT {path} at {agent.name}: {response.status} {detail}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StepFailed(f"PUT {path} at {agent.name}: {exc!r}") from None
+
+    async def members_of(self, agent: AgentProcess) -> dict[str, str] | None:
+        return member_statuses(await self.get(agent, "/v1/agent/members"))
+
+    async def web_of(self, agent: AgentProcess, *, passing: bool = False) -> list[Instance] | None:
+        query = "?passing" if passing else ""
+        return instances(await self.get(agent, f"/v1/health/service/{SERVICE}{query}"))
+
+    async def show_members(self, agent: AgentProcess) -> None:
+        self.show(table(members_rows(await self.get(agent, "/v1/agent/members"))))
+
+    async def show_web(self, agent: AgentProcess, *, passing: bool = False) -> None:
+        self.show(table(instance_rows(await self.web_of(agent, passing=passing) or [])))
+
+    # ------------------------------------------------------------------ waiting
+
+    async def until(
         self,
-        session: aiohttp.ClientSession,
-        done: Callable[[dict[str, dict[str, str]]], bool],
-        within: float,
         what: str,
-    ) -> bool:
-        """Poll every member, print the matrix when it changes, until ``done``."""
+        probe: Callable[[], Awaitable[T]],
+        done: Callable[[T], bool],
+        *,
+        within: float,
+        since: float | None = None,
+        label: str = "",
+        describe: Callable[[T], str] | None = None,
+        marks: Mapping[str, Callable[[T], bool]] | None = None,
+    ) -> float:
+        """Poll ``probe`` until ``done``; returns the seconds since ``since`` (default:
+        now), recorded for the summary under ``label`` if given. ``describe`` lines are
+        printed when they change; each of ``marks`` (label → condition) records the
+        time its condition first held. Raises StepFailed after ``within`` seconds."""
+        start = time.monotonic() if since is None else since
         deadline = time.monotonic() + within
-        started = time.monotonic()
+        last = ""
+        pending = dict(marks or {})
         while True:
-            views = await membership_views(session, list(self.members.values()))
-            matrix = render_matrix(self.names, views)
-            if matrix != self.last_matrix:
-                print(f"\n[{time.monotonic() - self.started:6.1f}s]\n{matrix}", flush=True)
-                self.last_matrix = matrix
-            if views and done(views):
-                self.say(f"✓ {what} ({time.monotonic() - started:.1f} s)")
-                return True
+            value = await probe()
+            elapsed = time.monotonic() - start
+            if describe is not None and (text := describe(value)) != last:
+                self.say(f"  {text}  (+{elapsed:.1f} s)")
+                last = text
+            for name, reached in list(pending.items()):
+                if reached(value):
+                    self.timings.append((name, elapsed))
+                    del pending[name]
+            if done(value):
+                self.say(f"✓ {what} ({elapsed:.1f} s)")
+                if label:
+                    self.timings.append((label, elapsed))
+                return elapsed
             if time.monotonic() > deadline:
-                self.say(f"✗ {what}: not reached within {within:.0f} s")
-                return False
-            await asyncio.sleep(0.2)
+                raise StepFailed(f"{what}: not within {within:.0f} s")
+            await asyncio.sleep(POLL)
 
-    async def hold(self, session: aiohttp.ClientSession, seconds: float) -> None:
-        """Keep printing changes for ``seconds`` (a pause the viewer can read)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            views = await membership_views(session, list(self.members.values()))
-            matrix = render_matrix(self.names, views)
-            if matrix != self.last_matrix:
-                print(f"\n[{time.monotonic() - self.started:6.1f}s]\n{matrix}", flush=True)
-                self.last_matrix = matrix
-            await asyncio.sleep(0.2)
+    def all_see_alive(self, views: Sequence[dict[str, str] | None]) -> bool:
+        names = {a.name for a in self.agents if a.running}
+        return all(
+            view is not None and all(view.get(n) == "alive" for n in names) for view in views
+        )
 
-    def everyone_sees(
-        self, subject: str, status: str, observers: Iterable[str] | None = None
-    ) -> Callable[[dict[str, dict[str, str]]], bool]:
-        chosen = list(observers) if observers is not None else None
+    async def running_views(self) -> list[dict[str, str] | None]:
+        return list(await asyncio.gather(*(self.members_of(a) for a in self.agents if a.running)))
 
-        def check(views: dict[str, dict[str, str]]) -> bool:
-            names = chosen if chosen is not None else list(views)
-            return all(views.get(o, {}).get(subject) == status for o in names)
+    # ------------------------------------------------------------------ processes
 
-        return check
+    async def start(self, agent: AgentProcess, join: Sequence[str] = ()) -> None:
+        await start_agent(agent, join)
+        assert agent.process is not None
+        self.children.append(agent.process)
 
-    def alive_names(self) -> list[str]:
-        return [n for n, m in self.members.items() if m.running]
+    async def wait_saved_members(self, agent: AgentProcess, within: float = 15) -> None:
+        others = {a.name for a in self.agents if a is not agent}
+        deadline = time.monotonic() + within
+        while not others <= set(self.saved_members(agent)):
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{agent.name} did not save its members within {within:.0f} s")
+            await asyncio.sleep(POLL)
+
+    def saved_members(self, agent: AgentProcess) -> list[str]:
+        """Names in the agent's ``members.json`` (what it rejoins after a restart)."""
+        try:
+            data = json.loads((agent.data_dir / "members.json").read_text())
+            return sorted(str(m["name"]) for m in data["members"] if m["name"] != agent.name)
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+
+    # ------------------------------------------------------------------ scenario
 
     async def run(self) -> int:
-        seed_name = self.names[0]
-        self.say(f"starting {self.size} members on 127.0.0.1 (logs in {self.workdir})")
-        seed = await self.start(seed_name, ())
-        await wait_ready(seed)
-        seed_address = f"127.0.0.1:{seed.gossip_port}"
-        others = [await self.start(n, (seed_address,)) for n in self.names[1:]]
-        await asyncio.gather(*(wait_ready(m) for m in others))
         timeout = aiohttp.ClientTimeout(total=2, sock_connect=1)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-
-            def converged(views: dict[str, dict[str, str]]) -> bool:
-                return len(views) == len(self.alive_names()) and all(
-                    all(view.get(n) == "alive" for n in self.alive_names())
-                    for view in views.values()
-                )
-
-            if not await self.watch_until(session, converged, 20, "every member sees all alive"):
+            self._session = session
+            try:
+                await self.scenario()
+            except StepFailed as exc:
+                self.say(f"✗ {exc}")
+                for agent in self.agents:
+                    tail = agent.log_tail(800).strip()
+                    if tail:
+                        self.show(f"--- last lines of {agent.log_path.name}:\n{tail}")
                 return 1
-            await self.hold(session, 4)
-
-            victim = self.names[2]
-            self.say(f"kill -9 {victim} (pid {self.members[victim].process.pid})")
-            self.members[victim].kill()
-            await self.members[victim].process.wait()
-            if not await self.watch_until(
-                session, self.everyone_sees(victim, "failed"), 30, f"everyone sees {victim} failed"
-            ):
-                return 1
-            await self.hold(session, 3)
-
-            leaver = self.names[3]
-            self.say(f"SIGTERM {leaver}: graceful leave")
-            self.members[leaver].terminate()
-            if not await self.watch_until(
-                session, self.everyone_sees(leaver, "left"), 15, f"everyone sees {leaver} left"
-            ):
-                return 1
-            await stop_process(self.members[leaver])
-            await self.hold(session, 3)
-
-            self.say(f"restarting {victim} with the same name; it joins {seed_address}")
-            restarted = await self.start(victim, (seed_address,))
-            await wait_ready(restarted)
-            if not await self.watch_until(
-                session, self.everyone_sees(victim, "alive"), 20, f"everyone sees {victim} alive"
-            ):
-                return 1
-
             if self.forever:
-                self.say("watching until Ctrl-C (try kill -9 on a member pid)")
-                await self.hold(session, float("inf"))
-            else:
-                self.say("steady state for a few seconds")
-                await self.hold(session, 8)
-        self.say("stopping the demo cluster (graceful leave)")
-        await asyncio.gather(*(stop_process(m) for m in self.members.values()))
-        self.say("done")
+                await self.stay_up()
+        await self.stop_all()
+        self.say("done: every agent stopped")
         return 0
 
+    async def scenario(self) -> None:
+        first, leaver, observer = self.first, self.leaver, self.observer
+        others = ", ".join(a.name for a in self.agents[1:])
+        self.say(f"meshnode demo: {self.size} agents on 127.0.0.1 (data and logs: {self.workdir})")
 
-async def run_demo(size: int = 5, forever: bool = False, workdir: Path | None = None) -> int:
+        self.step(1, f"start {self.size} agents; {others} join {first.name}")
+        for agent in self.agents:
+            await self.start(agent, () if agent is first else (first.gossip_addr,))
+            self.say(
+                f"{agent.name}  pid {agent.pid:<7}  http {agent.http_addr}  "
+                f"gossip {agent.gossip_addr}"
+            )
+        try:
+            await asyncio.gather(*(wait_agent_ready(a, self.session) for a in self.agents))
+        except RuntimeError as exc:
+            raise StepFailed(str(exc)) from None
+        await self.until(
+            f"every agent sees all {self.size} alive",
+            self.running_views,
+            self.all_see_alive,
+            within=20,
+            since=self.started,
+            label=f"cluster of {self.size} formed (from the demo's start)",
+        )
+        self.say(f"members as {observer.name} sees them (meshnode members):")
+        await self.show_members(observer)
+        await self.pause()
+
+        self.step(2, f"register a '{SERVICE}' service at {first.name}, HTTP check every 1s")
+        await self.web.start()
+        self.say(f"{SERVICE} listens on {self.web.address} (inside the demo process)")
+        registered = time.monotonic()
+        await self.put(
+            first,
+            "/v1/agent/service/register",
+            {
+                "Name": SERVICE,
+                "ID": SERVICE_ID,
+                "Address": "127.0.0.1",
+                "Port": self.web.port,
+                "Tags": ["demo", "v1"],
+                "Check": {
+                    "Name": f"{SERVICE} HTTP",
+                    "HTTP": f"http://{self.web.address}/health",
+                    "Interval": "1s",
+                    "Timeout": "1s",
+                },
+            },
+        )
+        self.say(f"PUT {first.http_addr}/v1/agent/service/register → 200")
+
+        async def catalog() -> Any:
+            return await self.get(observer, "/v1/catalog/services")
+
+        await self.until(
+            f"{observer.name}'s catalog lists {SERVICE}",
+            catalog,
+            lambda found: isinstance(found, dict) and SERVICE in found,
+            within=10,
+            since=registered,
+            label=f"register → in {observer.name}'s catalog",
+        )
+        services = await catalog()
+        self.show(table([["Service", "Tags"]] + [[n, ",".join(t)] for n, t in services.items()]))
+        await self.until(
+            f"{observer.name}: /v1/health/service/{SERVICE}?passing returns it",
+            lambda: self.web_of(observer, passing=True),
+            lambda found: web_status(found, first.name) == "passing",
+            within=15,
+            since=registered,
+            label=f"register → passing on {observer.name}",
+        )
+        await self.show_web(observer, passing=True)
+        await self.pause()
+
+        def web_on_first(found: list[Instance] | None) -> str:
+            status = web_status(found, first.name)
+            return f"{observer.name} sees {SERVICE} on {first.name}: {status}"
+
+        self.step(3, f"{SERVICE} starts answering 500")
+        self.web.failing = True
+        await self.until(
+            f"{observer.name} sees {SERVICE} critical",
+            lambda: self.web_of(observer),
+            lambda found: web_status(found, first.name) == "critical",
+            within=15,
+            label=f"500 → critical on {observer.name}",
+            describe=web_on_first,
+        )
+        await self.show_web(observer)
+        await self.pause(PAUSE / 2)
+        self.say(f"{SERVICE} answers 200 again")
+        self.web.failing = False
+        await self.until(
+            f"{observer.name} sees {SERVICE} passing again",
+            lambda: self.web_of(observer),
+            lambda found: web_status(found, first.name) == "passing",
+            within=15,
+            label=f"200 → passing on {observer.name}",
+            describe=web_on_first,
+        )
+
+        await self.pause()
+        # Step 5 restarts agent1 from what it saved, which it does every few seconds.
+        await self.wait_saved_members(first)
+
+        self.step(4, f"kill -9 {first.name} (pid {first.pid}): no goodbye")
+        await self.kill_first()
+        await self.pause()
+
+        self.step(5, f"restart {first.name} with no --join address")
+        self.say(
+            f"it rejoins from {first.data_dir.name}/members.json: "
+            + ", ".join(self.saved_members(first))
+        )
+        restarted = time.monotonic()
+        await self.start(first)
+        self.say(f"{first.name}  pid {first.pid:<7}  http {first.http_addr}  (no --join)")
+        try:
+            await wait_agent_ready(first, self.session)
+        except RuntimeError as exc:
+            raise StepFailed(str(exc)) from None
+        own = await self.get(first, "/v1/agent/services")
+        if not isinstance(own, dict) or SERVICE_ID not in own:
+            raise StepFailed(f"{first.name} did not restore {SERVICE_ID} from disk: {own}")
+        elapsed = time.monotonic() - restarted
+        self.say(f"✓ {first.name} is up, serving {SERVICE_ID} from disk ({elapsed:.1f} s)")
+        self.timings.append((f"restart → {first.name} serves {SERVICE_ID} from disk", elapsed))
+        await self.rejoin_first(restarted)
+        await self.pause()
+
+        self.step(6, f"SIGTERM {leaver.name} (graceful leave)")
+        left = time.monotonic()
+        leaver.terminate()
+        await self.until(
+            f"{observer.name} sees {leaver.name} left, not failed",
+            lambda: self.members_of(observer),
+            lambda view: view is not None and view.get(leaver.name) == "left",
+            within=15,
+            since=left,
+            label=f"SIGTERM → {leaver.name} left on {observer.name}",
+            describe=lambda view: (
+                f"{observer.name} sees {leaver.name}: {(view or {}).get(leaver.name, '?')}"
+            ),
+        )
+        code = await stop_agent(leaver)
+        self.say(f"{leaver.name} exited with code {code}")
+        await self.show_members(observer)
+        await self.pause(PAUSE / 2)
+
+        self.step(7, "summary")
+        self.summary()
+
+    async def kill_first(self) -> None:
+        first, observer = self.first, self.observer
+        assert first.process is not None
+        killed = time.monotonic()
+        first.kill()
+        await first.process.wait()
+
+        async def probe() -> tuple[str, str]:
+            view, found = await asyncio.gather(self.members_of(observer), self.web_of(observer))
+            return (view or {}).get(first.name, "?"), web_status(found, first.name)
+
+        await self.until(
+            f"{observer.name} marks {first.name} failed",
+            probe,
+            lambda seen: seen == ("failed", "critical"),
+            within=30,
+            since=killed,
+            label=f"kill -9 → {first.name} failed on {observer.name}",
+            describe=lambda seen: (
+                f"{observer.name} sees {first.name}: {seen[0]:<7}  {SERVICE}: {seen[1]}"
+            ),
+            marks={f"kill -9 → {SERVICE} critical on {observer.name}": _web_critical},
+        )
+        await self.show_members(observer)
+        await self.show_web(observer)
+
+    async def rejoin_first(self, restarted: float) -> None:
+        first, observer = self.first, self.observer
+
+        async def probe() -> tuple[str, str]:
+            view, found = await asyncio.gather(self.members_of(observer), self.web_of(observer))
+            return (view or {}).get(first.name, "?"), web_status(found, first.name)
+
+        await self.until(
+            f"{observer.name} sees {first.name} alive and {SERVICE} passing",
+            probe,
+            lambda seen: seen == ("alive", "passing"),
+            within=30,
+            since=restarted,
+            label=f"restart → {SERVICE} passing on {observer.name}",
+            describe=lambda seen: (
+                f"{observer.name} sees {first.name}: {seen[0]:<7}  {SERVICE}: {seen[1]}"
+            ),
+            marks={f"restart → {first.name} alive on {observer.name}": _first_alive},
+        )
+        await self.show_web(observer, passing=True)
+
+    def summary(self) -> None:
+        rows: list[list[object]] = [["What", "Seconds"]]
+        rows += [[what, f"{seconds:.1f}"] for what, seconds in self.timings]
+        rows.append(["the whole demo", f"{time.monotonic() - self.started:.1f}"])
+        self.show(table(rows))
+
+    async def stop_all(self) -> None:
+        running = [a for a in self.agents if a.running]
+        if running:
+            self.say("stopping " + ", ".join(a.name for a in running) + " (graceful leave)")
+        await asyncio.gather(*(stop_agent(a) for a in running))
+
+    # ------------------------------------------------------------------ --forever
+
+    async def stay_up(self) -> None:
+        leaver = self.leaver
+        print(flush=True)
+        self.say(f"--forever: restarting {leaver.name} (it rejoins from its saved members)")
+        await self.start(leaver)
+        with contextlib.suppress(RuntimeError):
+            await wait_agent_ready(leaver, self.session)
+        command = sys.argv[0] if Path(sys.argv[0]).name == "meshnode" else "meshnode"
+        observer = self.observer
+        self.say("the cluster stays up until Ctrl-C:")
+        rows: list[list[object]] = [["Node", "HTTP", "Gossip", "PID"]]
+        rows += [[a.name, a.http_addr, a.gossip_addr, a.pid] for a in self.agents]
+        rows.append([SERVICE, self.web.address, "-", "(this process)"])
+        self.show(table(rows))
+        self.show(
+            f"{INDENT}try: {command} members -http-addr {observer.http_addr}\n"
+            f"{INDENT}     curl -s '{observer.http_url}/v1/health/service/{SERVICE}?passing'\n"
+            f"{INDENT}     curl -X POST http://{self.web.address}/fail   (then /recover)\n"
+            f"{INDENT}     kill -9 {self.first.pid}   (then watch below)"
+        )
+        last: dict[str, str] = {}
+        while True:
+            watcher = next((a for a in reversed(self.agents) if a.running), None)
+            if watcher is None:
+                self.say("no agent is running any more")
+                return
+            view, found = await asyncio.gather(self.members_of(watcher), self.web_of(watcher))
+            now: dict[str, str] = dict(view or {})
+            for i in found or []:
+                now[f"{i.service} on {i.node}"] = i.status
+            for key, status in sorted(now.items()):
+                if last and last.get(key) != status:
+                    self.say(f"{watcher.name} sees {key}: {last.get(key, 'new')} → {status}")
+            last = now
+            await asyncio.sleep(0.5)
+
+
+def _web_critical(seen: tuple[str, str]) -> bool:
+    return seen[1] == "critical"
+
+
+def _first_alive(seen: tuple[str, str]) -> bool:
+    return seen[0] == "alive"
+
+
+# --------------------------------------------------------------------------- entry
+
+
+async def run_demo(
+    size: int = DEFAULT_AGENTS, forever: bool = False, workdir: Path | None = None
+) -> int:
+    """Run the demo; the exit code (143 if stopped by SIGTERM; Ctrl-C propagates as
+    cancellation, which ``asyncio.run`` turns into KeyboardInterrupt)."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
+    terminated: list[bool] = []
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        main_task.cancel()
+
     # SIGTERM to the demo cancels it like Ctrl-C does, so the cleanup below runs.
-    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(
@@ -370,15 +633,30 @@ async def run_demo(size: int = 5, forever: bool = False, workdir: Path | None = 
         demo = Demo(workdir, size, forever)
         try:
             return await demo.run()
+        except asyncio.CancelledError:
+            if not terminated:
+                raise
+            return 143
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
-            # Whatever happened, no child outlives the demo.
-            await kill_all(demo.all_processes)
+            # Whatever happened, no child outlives the demo (and the temp dir goes only
+            # after they are gone: they hold locks in it). Another SIGTERM meanwhile
+            # must not cut this short.
+            loop.add_signal_handler(signal.SIGTERM, lambda: None)
+            try:
+                await kill_agents(demo.children)
+                await demo.web.aclose()
+            finally:
+                loop.remove_signal_handler(signal.SIGTERM)
+                if terminated:
+                    print("\nterminated; every agent process was stopped", flush=True)
 
 
-def main(size: int = 5, forever: bool = False) -> int:
+def main(size: int = DEFAULT_AGENTS, forever: bool = False) -> int:
+    if not MIN_AGENTS <= size <= MAX_AGENTS:
+        print(f"meshnode demo: --members must be {MIN_AGENTS}..{MAX_AGENTS}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run_demo(size, forever))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ninterrupted; every member process was stopped", flush=True)
+        print("\ninterrupted; every agent process was stopped", flush=True)
         return 130

@@ -1,7 +1,7 @@
 """Ten real ``meshnode member`` processes on loopback: join, crash, leave, rejoin, and a
 three-step key rotation with no false failure.
 
-Every process is started through ``meshnode.demo.spawn_member`` and killed and reaped
+Every process is started through ``meshnode.procs.spawn_member`` and killed and reaped
 by the ``cluster`` fixture, whatever the test does.
 """
 
@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 
 from gossip.keyring import decode_key, generate_key
-from meshnode.demo import (
+from meshnode.member import key_fingerprint
+from meshnode.procs import (
     MemberProcess,
     fetch_json,
     kill_all,
@@ -27,7 +28,6 @@ from meshnode.demo import (
     stop_process,
     wait_ready,
 )
-from meshnode.member import key_fingerprint
 
 pytestmark = pytest.mark.slow
 
