@@ -66,7 +66,7 @@ from meshnode.config import AgentConfig
 from meshnode.discovery import MdnsDiscovery, RetryJoiner
 from meshnode.errors import ConfigError
 from meshnode.logging import configure_logging
-from meshnode.metrics import register_gossip_metrics
+from meshnode.metrics import register_catalog_metrics, register_gossip_metrics
 from meshnode.model import (
     CheckDefinition,
     HealthStatus,
@@ -211,6 +211,7 @@ class Agent:
                 NodeInfo(config.node_name, node_id, transport.address[0], config.datacenter)
             )
             register_gossip_metrics(self.registry, lambda: transport.core)
+            register_catalog_metrics(self.registry, catalog)
 
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)

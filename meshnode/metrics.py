@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from gossip.events import MemberState
 from gossip.swim import RTT_BUCKETS, Swim
+from meshnode.catalog import Catalog
 
 #: A drop reason that does not look like one of ours becomes "other", so a label can
 #: never take unbounded values, whatever the core one day puts there.
@@ -130,5 +131,44 @@ class GossipCollector(Collector):
 def register_gossip_metrics(registry: CollectorRegistry, source: SwimSource) -> GossipCollector:
     """Register the gossip collector on ``registry`` and return it."""
     collector = GossipCollector(source)
+    registry.register(collector)
+    return collector
+
+
+class CatalogCollector(Collector):
+    """Reads the catalog at scrape time: its size, index, and merge counters."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self._catalog)
+
+    def _families(self, catalog: Catalog | None) -> Iterator[Metric]:
+        nodes = GaugeMetricFamily("meshnode_catalog_nodes", "Nodes in the catalog.")
+        services = GaugeMetricFamily("meshnode_catalog_services", "Distinct service names.")
+        index = GaugeMetricFamily(
+            "meshnode_catalog_index", "The blocking-query index (rises on every change)."
+        )
+        events = CounterMetricFamily(
+            "meshnode_catalog_updates",
+            "Catalog records received, by outcome (merged, stale, decode_errors...).",
+            labels=["outcome"],
+        )
+        if catalog is not None:
+            nodes.add_metric([], len(catalog.nodes()))
+            services.add_metric([], len(catalog.services()))
+            index.add_metric([], catalog.index)
+            for outcome, count in sorted(catalog.stats.items()):
+                events.add_metric([outcome], count)
+        yield from (nodes, services, index, events)
+
+
+def register_catalog_metrics(registry: CollectorRegistry, catalog: Catalog) -> CatalogCollector:
+    """Register the catalog collector on ``registry`` and return it."""
+    collector = CatalogCollector(catalog)
     registry.register(collector)
     return collector
