@@ -16,13 +16,26 @@ if TYPE_CHECKING:
     from meshnode.config import AgentConfig
 
 
-def _add_client_options(parser: argparse.ArgumentParser, *, formats: bool = True) -> None:
+def _add_client_options(
+    parser: argparse.ArgumentParser, *, formats: bool = True, nested: bool = False
+) -> None:
+    # A nested action parser (``services register``) takes the same options after the
+    # action; SUPPRESS keeps its defaults from overwriting values given before it.
+    default = argparse.SUPPRESS if nested else None
     parser.add_argument(
-        "-http-addr", "--http-addr", default=None, help="agent API host:port (127.0.0.1:8500)"
+        "-http-addr",
+        "--http-addr",
+        default=default,
+        help="agent API host:port (127.0.0.1:8500)",
     )
-    parser.add_argument("-token", "--token", default=None, help="ACL token for writes")
+    parser.add_argument("-token", "--token", default=default, help="ACL token for writes")
     if formats:
-        parser.add_argument("-format", "--format", default="table", choices=["table", "json"])
+        parser.add_argument(
+            "-format",
+            "--format",
+            default=argparse.SUPPRESS if nested else "table",
+            choices=["table", "json"],
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     services_commands = services.add_subparsers(dest="services_command", metavar="ACTION")
     register = services_commands.add_parser("register", help="register services from a file")
     register.add_argument("file", type=Path)
+    _add_client_options(register, formats=False, nested=True)
     deregister = services_commands.add_parser("deregister", help="deregister a service by ID")
     deregister.add_argument("service_id")
-    services_commands.add_parser("list", help="this agent's services (the default)")
+    _add_client_options(deregister, formats=False, nested=True)
+    listing = services_commands.add_parser("list", help="this agent's services (the default)")
+    _add_client_options(listing, nested=True)
     catalog = commands.add_parser("catalog", help="the cluster's catalog")
     _add_client_options(catalog)
     catalog.add_argument("what", choices=["services", "nodes"])
