@@ -78,7 +78,6 @@ from meshnode.persistence import DataDir
 
 log = structlog.get_logger()
 
-VERSION: Final = "0.1.0"
 #: First byte of a keyring-change broadcast (catalog messages start with ``C``).
 KEYRING_TAG: Final = b"K"
 #: How often the agent reaps long-dead nodes, saves members and deregisters services
@@ -504,30 +503,19 @@ class Agent:
         return self.transport.core.members()
 
     def self_info(self) -> dict[str, object]:
+        """What the API does not know itself: server role and gossip statistics."""
         config = self.config
         core = self.transport.core
+        server = "true" if config.server else "false"
         return {
-            "Config": {
-                "Datacenter": config.datacenter,
-                "NodeName": config.node_name,
-                "NodeID": self.data_dir.node_id(),
-                "Server": config.server,
-                "MeshnodeVersion": VERSION,
-            },
-            "Member": {
-                "Name": config.node_name,
-                "Addr": core.address[0],
-                "Port": core.address[1],
-                "Tags": {"dc": config.datacenter},
-                "Status": 1,
-            },
+            "Config": {"Server": config.server},
             "Stats": {
-                "agent": {"checks": str(len(self.catalog.local.checks))},
-                "license": {},
+                "consul": {"server": server},
                 "serf_lan": {
                     "members": str(core.count(MemberState.ALIVE)),
                     "incarnation": str(core.incarnation),
                     "health_score": str(core.awareness),
+                    "encrypted": "true" if self._keyring is not None else "false",
                 },
             },
         }

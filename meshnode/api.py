@@ -694,7 +694,14 @@ async def _self(request: web.Request) -> web.Response:
     for section, extra in api.agent.self_info().items():
         if not isinstance(extra, dict):
             continue
-        out.setdefault(section, {}).update(extra)
+        target = out.setdefault(section, {})
+        for key, value in extra.items():
+            # Merge one level deeper too (Member.Tags, Stats.consul): the agent adds
+            # to what the API knows, it does not replace it.
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
     return _json(request, out)
 
 

@@ -676,6 +676,18 @@ async def test_self_members_join_leave(env: Env) -> None:
     assert me["Stats"]["meshnode"] == {"members": "1"}  # merged from self_info()
     assert "Ignored" not in me
 
+    # The agent's additions merge into sections the API fills, not over them.
+    extra: dict[str, object] = {
+        "Member": {"Tags": {"role": "x"}},
+        "Stats": {"agent": {"extra": "1"}},
+    }
+    env.agent.self_info = lambda: extra  # type: ignore[method-assign]
+    merged = await env.get_json("/v1/agent/self")
+    assert merged["Member"]["Tags"]["build"] == me["Member"]["Tags"]["build"]
+    assert merged["Member"]["Tags"]["role"] == "x"
+    assert merged["Stats"]["agent"]["extra"] == "1"
+    assert merged["Stats"]["agent"]["services"] == me["Stats"]["agent"]["services"]
+
     env.agent.extra_members = [
         Member("node0", ("10.0.0.9", 7946), b"", 1, MemberState.SUSPECT, 0.0),
         Member("node3", ("10.0.0.8", 7946), b"", 1, MemberState.DEAD, 0.0),

@@ -3,7 +3,8 @@ with a fake resolver, and the real thing -- mDNS between network namespaces.
 
 The namespace test builds four "hosts" (namespaces ``mnt-<hex>-1..4``) on one bridge
 that lives in its own namespace (``mnt-<hex>-br``), so nothing is added to the host's
-own network: every link is created inside a namespace and vanishes with it.
+own network: every link is created inside a namespace and vanishes with it
+(``tests/netns.py``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import secrets
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -28,8 +24,7 @@ from zeroconf import ServiceStateChange
 
 from gossip.events import Address
 from meshnode.discovery import SERVICE_TYPE, MdnsDiscovery, RetryJoiner
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.netns import NetnsLab, open_netns_lab
 
 # ---------------------------------------------------------------------- RetryJoiner
 
@@ -230,111 +225,15 @@ def test_discovery_refuses_wildcard_and_ipv6_interfaces() -> None:
 
 # ---------------------------------------------------------------------- network namespaces
 
-#: Private addresses used only inside the test's namespaces (RFC 1918).
-SUBNET = "10.213.7"
 #: How long the cluster may take to form: mDNS probing takes ~0.75 s (RFC 6762 §8.1),
 #: resolving and one push-pull a little more.
 FORM_WITHIN = 20.0
 
 
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, check=check, capture_output=True, text=True, timeout=10)
-
-
-@dataclass
-class NetnsLab:
-    """Namespaces, on a bridge, created and removed by the ``netns_lab`` fixture."""
-
-    prefix: str
-    bridge_namespace: str
-    namespaces: list[str] = field(default_factory=list)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def add_host(self, index: int) -> tuple[str, str]:
-        """Namespace ``<prefix>-<index>`` with ``eth0`` = ``SUBNET.<index>/24`` on the
-        bridge; returns (namespace, address)."""
-        namespace = f"{self.prefix}-{index}"
-        address = f"{SUBNET}.{index}"
-        _run("ip", "netns", "add", namespace)
-        self.namespaces.append(namespace)
-        # The veth pair is created inside the bridge namespace and its peer moved
-        # straight into the host namespace: no link ever exists in the root namespace.
-        _run(
-            "ip", "-n", self.bridge_namespace, "link", "add", f"port{index}", "type", "veth",
-            "peer", "name", "eth0", "netns", namespace,
-        )  # fmt: skip
-        _run("ip", "-n", self.bridge_namespace, "link", "set", f"port{index}", "master", "br0")
-        _run("ip", "-n", self.bridge_namespace, "link", "set", f"port{index}", "up")
-        _run("ip", "-n", namespace, "link", "set", "lo", "up")
-        _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
-        _run("ip", "-n", namespace, "link", "set", "eth0", "multicast", "on", "up")
-        # mDNS sends to 224.0.0.251; with no default route a fresh namespace has no route
-        # for multicast at all, and sendto() fails with ENETUNREACH.
-        _run("ip", "-n", namespace, "route", "add", "224.0.0.0/4", "dev", "eth0")
-        return namespace, address
-
-    def spawn(self, namespace: str, args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as log_file:
-            process = subprocess.Popen(
-                ["ip", "netns", "exec", namespace, sys.executable, *args],
-                cwd=ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-        self.processes.append(process)
-        return process
-
-    def cleanup(self) -> list[str]:
-        """Kill what we started, then delete our namespaces; returns what went wrong."""
-        problems: list[str] = []
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                problems.append(f"pid {process.pid} did not exit after SIGKILL")
-        for namespace in [*self.namespaces, self.bridge_namespace]:
-            # Anything still running in *our* namespaces is ours (e.g. a grandchild).
-            listed = _run("ip", "netns", "pids", namespace, check=False)
-            for pid in listed.stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-                    problems.append(f"killed straggler pid {pid} in {namespace}")
-            deleted = _run("ip", "netns", "del", namespace, check=False)
-            if deleted.returncode != 0 and "No such file" not in deleted.stderr:
-                problems.append(f"ip netns del {namespace}: {deleted.stderr.strip()}")
-        leftover = [ns for ns in _run("ip", "netns", "list").stdout.split() if self.prefix in ns]
-        if leftover:
-            problems.append(f"namespaces left behind: {leftover}")
-        return problems
-
-
 @pytest.fixture
 def netns_lab() -> Iterator[NetnsLab]:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("network namespaces are Linux-only")
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create network namespaces")
-    if shutil.which("ip") is None:
-        pytest.skip("needs iproute2 (`ip`) for network namespaces")
-    prefix = f"mnt-{secrets.token_hex(3)}"
-    lab = NetnsLab(prefix, f"{prefix}-br")
-    created = _run("ip", "netns", "add", lab.bridge_namespace, check=False)
-    if created.returncode != 0:
-        pytest.skip(f"`ip netns add` does not work here: {created.stderr.strip()}")
-    try:
-        # No snooping: the bridge floods multicast like a plain switch (mDNS is
-        # link-local and would be flooded anyway; this takes IGMP timing out of the test).
-        _run(
-            "ip", "-n", lab.bridge_namespace, "link", "add", "br0", "type", "bridge",
-            "mcast_snooping", "0",
-        )  # fmt: skip
-        _run("ip", "-n", lab.bridge_namespace, "link", "set", "br0", "up")
+    with open_netns_lab() as lab:
         yield lab
-    finally:
-        problems = lab.cleanup()
-        assert not [p for p in problems if not p.startswith("killed straggler")], problems
 
 
 def _read_report(path: Path) -> dict[str, object] | None:
