@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gossip.broadcast import BroadcastQueue
 from gossip.codec import MemberRecord
@@ -66,8 +66,31 @@ UDP_HEADER_BYTES = 28
 TCP_SEGMENT_HEADER_BYTES = 52
 TCP_SEGMENTS_PER_SIDE = 6  # handshake share, FIN, ACKs of a short request/response
 
-_TIMER, _PACKET, _STREAM_REQUEST, _STREAM_REPLY, _STREAM_TIMEOUT, _ACTION = range(6)
+_TIMER, _PACKET, _STREAM_REQUEST, _STREAM_REPLY, _STREAM_TIMEOUT, _ACTION, _EXT_TIMER = range(7)
 _INBOUND = frozenset((_PACKET, _STREAM_REQUEST, _STREAM_REPLY))
+
+
+# ----------------------------------------------------------------------------- extensions
+
+
+class Extension(Protocol):
+    """A sans-IO component that rides on a simulated member (leader election, say).
+
+    It sends through ``node.core.send_user(...)``; the simulator hands it every user
+    message first (``on_message`` returns True if it was its own), every member event,
+    and fires its one timer.
+    """
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+    def on_message(self, payload: bytes, now: float) -> bool: ...
+
+    def on_event(self, event: Event, now: float) -> None: ...
+
+
+ExtensionFactory = Callable[["Simulation", int], Extension]
 
 
 # ----------------------------------------------------------------------------- delegate
@@ -105,6 +128,9 @@ class SimDelegate(Delegate):
         return messages
 
     def notify_message(self, message: bytes) -> None:
+        extension = self.sim.members[self.index].extension
+        if extension is not None and extension.on_message(message, self.sim.now):
+            return
         if len(message) == 8:
             self._learn(int.from_bytes(message, "big"))
 
@@ -142,6 +168,9 @@ class _Node:
     slow: bool = False
     timer_at: float | None = None
     timer_version: int = 0
+    extension: Extension | None = None
+    extension_timer_at: float | None = None
+    extension_timer_version: int = 0
     pending_streams: dict[int, int] = field(default_factory=dict)  # stream id -> token
 
 
@@ -163,6 +192,7 @@ class Simulation:
         keys: Sequence[bytes] = (),
         cluster: str = "sim",
         formed: bool = True,
+        extensions: ExtensionFactory | None = None,
     ) -> None:
         self.config = config
         self.seed = seed
@@ -202,6 +232,9 @@ class Simulation:
             ]
             for node in self.members:
                 node.core.preload(records, 0.0)
+        if extensions is not None:
+            for node in self.members:
+                node.extension = extensions(self, node.index)
         slow_count = round(slow_fraction * nodes)
         for index in self.rng.sample(range(nodes), slow_count):
             node = self.members[index]
@@ -227,6 +260,15 @@ class Simulation:
             node.timer_version += 1
             if deadline is not None:
                 self._push(max(deadline, self.now), _TIMER, node.index, node.timer_version)
+        extension = node.extension
+        if extension is not None:
+            deadline = extension.get_timer()
+            if deadline != node.extension_timer_at:
+                node.extension_timer_at = deadline
+                node.extension_timer_version += 1
+                if deadline is not None:
+                    version = node.extension_timer_version
+                    self._push(max(deadline, self.now), _EXT_TIMER, node.index, version)
 
     def _link_latency(self, source: int, target: int) -> float:
         mixed = ((source * 2_654_435_761) ^ (target * 40_503)) & 0xFFFF
@@ -241,20 +283,33 @@ class Simulation:
     def _flush(self, node: _Node) -> None:
         core = node.core
         for data, address in core.packets_to_send():
-            target_index = self.by_address.get(address)
-            if target_index is None:
-                continue
-            target = self.members[target_index]
-            if not self._reachable(node, target) or self.rng.random() < self.loss:
-                continue
-            delay = self._link_latency(node.index, target_index)
-            self._push(self.now + delay, _PACKET, target_index, (data, node.address))
+            self._deliver(node, data, address)
         for request in core.streams_to_open():
             self._open_stream(node, request)
+        events = []
         while (event := core.next_event()) is not None:
+            events.append(event)
             for hook in self.event_hooks:
                 hook(node.index, event, self.now)
+        if node.extension is not None and events:
+            for event in events:
+                node.extension.on_event(event, self.now)
+            # The extension may have sent something in response.
+            for data, address in core.packets_to_send():
+                self._deliver(node, data, address)
+            for request in core.streams_to_open():
+                self._open_stream(node, request)
         self._reschedule(node)
+
+    def _deliver(self, node: _Node, data: bytes, address: Address) -> None:
+        target_index = self.by_address.get(address)
+        if target_index is None:
+            return
+        target = self.members[target_index]
+        if not self._reachable(node, target) or self.rng.random() < self.loss:
+            return
+        delay = self._link_latency(node.index, target_index)
+        self._push(self.now + delay, _PACKET, target_index, (data, node.address))
 
     def _open_stream(self, node: _Node, request: StreamRequest) -> None:
         self._stream_token += 1
@@ -358,6 +413,12 @@ class Simulation:
                 if node.pending_streams.pop(stream_id, None) is None:
                     continue
                 core.receive_stream_reply(stream_id, reply, when)
+            elif kind == _EXT_TIMER:
+                extension = node.extension
+                if extension is None or payload != node.extension_timer_version:
+                    continue
+                node.extension_timer_at = None
+                extension.handle_timer(when)
             elif kind == _STREAM_TIMEOUT:
                 if node.pending_streams.pop(payload, None) is None:
                     continue

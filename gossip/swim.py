@@ -442,6 +442,7 @@ class Swim:
                     self.stats.drop("misdirected")
             case User(payload):
                 self.delegate.notify_message(payload)
+                reply = Ack(0)  # delivered: the sender's stream ends cleanly
             case _:
                 self.stats.drop("unexpected")
         if reply is None:
@@ -545,6 +546,28 @@ class Swim:
         for target in self._random_members(2 * max(1, self.config.gossip_nodes), alive_only=True):
             self._send(target.address, encoded, now)
         self._set_timer(_LEAVE, None, now + 2 * self.config.gossip_interval)
+
+    def send_user(
+        self, address: Address, payload: bytes, now: float, *, reliable: bool = False
+    ) -> None:
+        """Send ``payload`` to the member at ``address`` only (memberlist SendBestEffort /
+        SendReliable): one datagram, or over a stream when ``reliable``. It arrives at
+        that member's ``delegate.notify_message``. The layer above (leader election,
+        CA requests) rides on this."""
+        self._now = now
+        message = User(payload)
+        if reliable:
+            if len(self._pending_streams) >= MAX_PENDING_STREAMS:
+                self.stats.drop("stream_limit")
+                return
+            self._open_stream(address, message, ("user", address))
+            return
+        encoded = codec.encode(message)
+        if len(encoded) + self.envelope.overhead > self.config.udp_buffer_size:
+            raise LocalProtocolError(
+                f"a {len(payload)}-byte message does not fit a datagram; send it reliably"
+            )
+        self._emit_packet(address, encoded)
 
     def set_meta(self, meta: bytes, now: float) -> None:
         """Change our metadata: a new incarnation, broadcast to everyone."""
