@@ -38,6 +38,10 @@ class GossipConfig:
     """Members asked to probe on our behalf when a direct probe fails (SWIM's k)."""
     suspicion_mult: int = 4
     """Suspicion timeout = mult × max(1, log10(N)) × probe_interval (memberlist)."""
+    suspicion_min_timeout: float = 0.0
+    """meshnode: a floor under the minimum suspicion timeout, in seconds. log10(N)
+    makes small clusters quick to declare death; a member that stalls for a few
+    seconds (GC, a starved VM) would be declared dead and flap."""
     suspicion_max_timeout_mult: int = 6
     """Lifeguard: the timeout starts at this multiple of the minimum and shrinks."""
     retransmit_mult: int = 4
@@ -133,6 +137,7 @@ class GossipConfig:
         """(min, max) suspicion timeout for a cluster of ``members``."""
         node_scale = max(1.0, math.log10(max(1, members)))
         minimum = self.suspicion_mult * node_scale * self.probe_interval
+        minimum = max(minimum, self.suspicion_min_timeout)
         if not self.lifeguard:
             return minimum, minimum
         return minimum, self.suspicion_max_timeout_mult * minimum
@@ -193,6 +198,7 @@ DEFAULT: Final = GossipConfig(
     probe_timeout=0.2,
     indirect_checks=3,
     suspicion_mult=3,
+    suspicion_min_timeout=4.0,
     suspicion_max_timeout_mult=4,
     retransmit_mult=2,
     retransmit_min=6,
