@@ -494,6 +494,14 @@ def check_json_value(value: object, path: str, depth: int = 0) -> int:
     raise ValidationError(path, f"not JSON: {_type_name(value)}")
 
 
+#: Public names of the body helpers, for meshnode/policy.py, which parses intentions
+#: and config entries with the same key rules and error messages.
+Body = _Body
+type_name = _type_name
+string_list = _string_list
+normalize_key = _normalize
+
+
 # --------------------------------------------------------------------------- services
 
 
