@@ -377,6 +377,16 @@ class GossipTransport:
             return False
         return True
 
+    def send_user(self, address: Address, payload: bytes, *, reliable: bool = False) -> None:
+        """Send ``payload`` to the member at ``address`` only (``Swim.send_user``): one
+        datagram, or over a stream when ``reliable``; it arrives at that member's
+        ``delegate.notify_message``. Sent at once; a no-op once the transport is closed.
+        ``LocalProtocolError`` if an unreliable payload does not fit a datagram."""
+        if self._closed or self._loop is None:
+            return
+        self.core.send_user(address, payload, self._loop.time(), reliable=reliable)
+        self._transmit()
+
     # ------------------------------------------------------------------ the core loop
 
     def _transmit(self) -> None:

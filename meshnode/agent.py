@@ -15,6 +15,12 @@ Theory of operation
 5. the HTTP API serves the Consul-compatible endpoints;
 6. joining: ``retry_join`` addresses, else the saved members, and mDNS on a LAN.
 
+Servers (``server = true``) also run the leader election (``meshnode.leadership``
+drives the ``ca.election`` core): gossip member events of servers feed it, election
+messages ride on gossip user datagrams tagged ``L``, and every member publishes in its
+node metadata whether it is a server and, on servers, the leader it follows, which is
+how clients answer ``/v1/status/leader``.
+
 Member events update the catalog's ``serfHealth`` checks. Every local write is
 persisted atomically and re-syncs the check runner. SIGTERM/SIGINT leave the cluster
 gracefully (peers see *left*); SIGHUP reloads service definitions, checks and the
@@ -65,8 +71,21 @@ from meshnode.checks import CheckError, CheckRunner, CheckSpec
 from meshnode.config import AgentConfig
 from meshnode.discovery import MdnsDiscovery, RetryJoiner
 from meshnode.errors import ConfigError
+from meshnode.leadership import (
+    ELECTION_TAG,
+    ElectionDriver,
+    decode_node_meta,
+    encode_node_meta,
+    format_address,
+    leader_from_members,
+    servers_from_members,
+)
 from meshnode.logging import configure_logging
-from meshnode.metrics import register_catalog_metrics, register_gossip_metrics
+from meshnode.metrics import (
+    register_catalog_metrics,
+    register_election_metrics,
+    register_gossip_metrics,
+)
 from meshnode.model import (
     CheckDefinition,
     HealthStatus,
@@ -78,7 +97,8 @@ from meshnode.persistence import DataDir
 
 log = structlog.get_logger()
 
-#: First byte of a keyring-change broadcast (catalog messages start with ``C``).
+#: First byte of a keyring-change broadcast (catalog messages start with ``C``,
+#: election messages with ``L``: ``meshnode.leadership.ELECTION_TAG``).
 KEYRING_TAG: Final = b"K"
 #: How often the agent reaps long-dead nodes, saves members and deregisters services
 #: whose critical checks asked for it.
@@ -136,6 +156,10 @@ class Agent:
         self._catalog: Catalog | None = None
         self._runner: CheckRunner | None = None
         self._keyring: Keyring | None = None
+        self._election: ElectionDriver | None = None  # servers only
+        # A client's answer to "who leads" (from the servers' metadata), cached because
+        # every HTTP response asks (X-Consul-KnownLeader); reset by member events.
+        self._client_leader: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self.http_port: int | None = None
         self.gossip_port: int | None = None
@@ -199,7 +223,7 @@ class Agent:
                 envelope=envelope,
                 delegate=_AgentDelegate(catalog, self),
                 on_event=self._on_event,
-                meta=self.keyring_meta(),
+                meta=self.node_meta(),
                 rng=random.Random(self._rng.random()),
             )
             await transport.start()
@@ -211,6 +235,8 @@ class Agent:
             )
             register_gossip_metrics(self.registry, lambda: transport.core)
             register_catalog_metrics(self.registry, catalog)
+            if config.server:
+                self._start_election(stack)
 
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
@@ -366,9 +392,44 @@ class Agent:
             member_event: MemberEvent = event
             if self._catalog is not None:
                 self._catalog.on_member_event(member_event, asyncio.get_running_loop().time())
+            if self._election is not None:
+                self._election.on_member_event(member_event)
+            self._client_leader = None
             self._members_dirty = True
             if isinstance(event, MemberJoined):
                 self._joined.set()
+
+    # ------------------------------------------------------------------ election
+
+    def _start_election(self, stack: contextlib.AsyncExitStack) -> None:
+        """Run the leader election on this server (after the transport started: the
+        election needs our gossip address, where its messages arrive)."""
+        transport = self.transport
+        driver = ElectionDriver.create(
+            self.config.node_name,
+            transport.address,
+            bootstrap_expect=self.config.bootstrap_expect,
+            rng=random.Random(self._rng.random()),
+            data_dir=self.data_dir,
+            # Datagrams, not streams: the core resends requests and heartbeats itself.
+            send=lambda address, payload: transport.send_user(address, payload),
+            on_claim_changed=self._publish_node_meta,
+        )
+        stack.callback(driver.close)
+        self._election = driver
+        driver.sync_members(transport.core.members())
+        register_election_metrics(self.registry, lambda: driver.election)
+
+    def receive_election_message(self, message: bytes) -> None:
+        """A gossip user message tagged ``L``. Only servers are sent any; elsewhere
+        (a stray one) there is no election to give it to, and it is dropped."""
+        if self._election is not None:
+            self._election.receive(message)
+
+    def _publish_node_meta(self) -> None:
+        """Gossip our new metadata (a new incarnation, one alive broadcast)."""
+        if self._transport is not None:
+            self._transport.core.set_meta(self.node_meta(), asyncio.get_running_loop().time())
 
     async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
@@ -502,6 +563,24 @@ class Agent:
     def members(self) -> list[Member]:
         return self.transport.core.members()
 
+    def leader(self) -> str:
+        """The leader's gossip address (``ip:port``), ``""`` if none is known. A server
+        asks its own election; a client trusts the newest claim servers gossip."""
+        if self._election is not None:
+            address = self._election.election.leader_address()
+            return format_address(address) if address is not None else ""
+        if self._client_leader is None:
+            member = leader_from_members(self.transport.core.members())
+            self._client_leader = format_address(member.address) if member else ""
+        return self._client_leader
+
+    def peers(self) -> list[str]:
+        """The servers' gossip addresses: the election's server set on a server, the
+        members whose metadata says server on a client."""
+        if self._election is not None:
+            return [format_address(s.address) for s in self._election.election.servers()]
+        return [format_address(m.address) for m in servers_from_members(self.members())]
+
     def self_info(self) -> dict[str, object]:
         """What the API does not know itself: server role and gossip statistics."""
         config = self.config
@@ -536,6 +615,8 @@ class Agent:
         self._stopped_by_leave = True
         log.info("agent_leaving", node=self.config.node_name)
         systemd.stopping()
+        if self._election is not None:
+            self._election.leave()  # step down now; the others drop us on MemberLeft
         with contextlib.suppress(Exception):
             await self.transport.leave()
         self._stop.set()
@@ -654,18 +735,21 @@ class Agent:
         self._save_keyring()
         if self._transport is not None:
             core = self._transport.core
-            core.set_meta(self.keyring_meta(), asyncio.get_running_loop().time())
+            core.set_meta(self.node_meta(), asyncio.get_running_loop().time())
         log.info("keyring_changed", op=op, key=_fingerprint(key))
         return True
 
-    def keyring_meta(self) -> bytes:
-        """Node metadata: 4-byte fingerprints of our keys, primary first."""
+    def node_meta(self) -> bytes:
+        """Node metadata (``meshnode.leadership``): 4-byte fingerprints of our keys,
+        primary first; on servers the server tag and the leader we follow."""
         keyring = self._keyring
-        if keyring is None:
-            return b""
-        fingerprints = [_short_fingerprint(k) for k in keyring.keys()[:32]]
-        packed: bytes = msgpack.packb({"k": fingerprints}, use_bin_type=True)
-        return packed
+        fingerprints = [_short_fingerprint(k) for k in keyring.keys()[:32]] if keyring else []
+        election = self._election
+        return encode_node_meta(
+            fingerprints,
+            server=self.config.server,
+            leader=election.leader_claim() if election is not None else None,
+        )
 
     def _load_keyring(self) -> Keyring | None:
         saved = self.data_dir.read_json(KEYRING_FILE)
@@ -697,13 +781,7 @@ def _short_fingerprint(key: bytes) -> bytes:
 
 def _meta_fingerprints(meta: bytes) -> list[bytes]:
     """The key fingerprints a member publishes in its metadata (none if unreadable)."""
-    if not meta:
-        return []
-    try:
-        value = msgpack.unpackb(meta, raw=False, max_array_len=64, max_map_len=8)
-    except (ValueError, TypeError, msgpack.UnpackException):
-        return []
-    keys = value.get("k") if isinstance(value, dict) else None
+    keys = decode_node_meta(meta).get("k")
     if not isinstance(keys, list):
         return []
     return [k for k in keys if isinstance(k, bytes)]
@@ -715,7 +793,8 @@ def _meta_primary(meta: bytes) -> bytes | None:
 
 
 class _AgentDelegate(CatalogDelegate):
-    """The catalog's delegate, plus cluster-wide keyring changes.
+    """The catalog's delegate, plus cluster-wide keyring changes and election messages
+    (user messages tagged ``L``, handed to the agent's election on servers).
 
     A keyring change travels as a user broadcast ``K`` + msgpack ``[op, key]`` in the
     catalog's broadcast queue; gossip is encrypted with the current key, so only
@@ -729,9 +808,12 @@ class _AgentDelegate(CatalogDelegate):
         self._agent = agent
 
     def node_meta(self, limit: int) -> bytes:
-        return self._agent.keyring_meta()
+        return self._agent.node_meta()
 
     def notify_message(self, message: bytes) -> None:
+        if message[:1] == ELECTION_TAG:
+            self._agent.receive_election_message(message)
+            return
         if message[:1] != KEYRING_TAG:
             super().notify_message(message)
             return

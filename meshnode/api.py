@@ -13,7 +13,8 @@ already decide; it translates:
   ``catalog.NotFoundError`` 404, as Consul answers "Unknown service ID";
 * **responses out**: the shapes come from ``meshnode.model``'s ``*_json`` functions,
   serialized here. Every response, errors included, carries ``X-Consul-Index`` (≥ 1),
-  ``X-Consul-KnownLeader: true`` and ``X-Consul-LastContact: 0``: the Go client's
+  ``X-Consul-KnownLeader`` (``true`` when the agent knows a leader, as
+  ``/v1/status/leader`` reports it) and ``X-Consul-LastContact: 0``: the Go client's
   ``parseQueryMeta`` turns a missing index into 0 and watchers silently stop blocking,
   and py-consul raises "Missing index header" (Consul API docs, "Blocking Queries";
   shared/reference/consul-api.md);
@@ -133,6 +134,15 @@ class AgentHandle(Protocol):
 
     def members(self) -> list[Member]:
         """The gossip view, this agent included."""
+        ...
+
+    def leader(self) -> str:
+        """The elected leader's gossip address as ``ip:port`` (``[v6]:port``), or
+        ``""`` when this agent knows no leader."""
+        ...
+
+    def peers(self) -> list[str]:
+        """The servers' gossip addresses (``ip:port``), the leader's among them."""
         ...
 
     def self_info(self) -> dict[str, object]:
@@ -304,7 +314,8 @@ async def _add_consul_headers(request: web.Request, response: web.StreamResponse
     api = request.app[API]
     if "X-Consul-Index" not in response.headers:
         response.headers["X-Consul-Index"] = str(max(1, api.catalog.index))
-    response.headers["X-Consul-KnownLeader"] = "true"
+    # Consul sets it from whether the server it asked has a leader; we ask our agent.
+    response.headers["X-Consul-KnownLeader"] = "true" if api.agent.leader() else "false"
     response.headers["X-Consul-LastContact"] = "0"
 
 
@@ -960,14 +971,18 @@ async def _health_state(request: web.Request) -> web.Response:
 
 
 async def _status_leader(request: web.Request) -> web.Response:
-    """``GET /v1/status/leader``: a JSON string. There is no elected leader yet, and
-    Consul answers ``""`` when it knows none."""
-    return _json(request, "")
+    """``GET /v1/status/leader``: a JSON string, ``"ip:port"`` of the leader, ``""``
+    when none is known (as Consul answers). Consul reports the leader's server RPC
+    address; meshnode servers have no RPC port, so this is the leader's gossip address,
+    where its election and CA messages arrive."""
+    return _json(request, request.app[API].agent.leader())
 
 
 async def _status_peers(request: web.Request) -> web.Response:
-    """``GET /v1/status/peers``: the raft peers; meshnode has none."""
-    return _json(request, [])
+    """``GET /v1/status/peers``: the servers' gossip addresses (Consul: the raft
+    peers). Failed servers stay listed until they leave: they still count toward the
+    election's majority."""
+    return _json(request, request.app[API].agent.peers())
 
 
 # --------------------------------------------------------------------------- meshnode

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the gossip layer (STYLE.md rule 10).
+"""Prometheus metrics of the gossip layer, the catalog and the leader election
+(STYLE.md rule 10).
 
 The gossip core already counts everything in ``Swim.stats``; copying those counters
 into prometheus objects on every event would double the bookkeeping on the hot path.
@@ -26,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ca.election import Election
 from gossip.events import MemberState
 from gossip.swim import RTT_BUCKETS, Swim
 from meshnode.catalog import Catalog
@@ -170,5 +172,66 @@ class CatalogCollector(Collector):
 def register_catalog_metrics(registry: CollectorRegistry, catalog: Catalog) -> CatalogCollector:
     """Register the catalog collector on ``registry`` and return it."""
     collector = CatalogCollector(catalog)
+    registry.register(collector)
+    return collector
+
+
+ElectionSource = Callable[[], Election | None]
+
+
+class ElectionCollector(Collector):
+    """Reads a server's ``Election`` at scrape time (``Election.statistics()``).
+    Clients run no election and register none. ``meshnode_ca_term`` lets an operator
+    (and the end-to-end test) check that no two servers lead the same term."""
+
+    def __init__(self, source: ElectionSource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        election = self._source()
+        if election is None:
+            return []
+        return self._families(election)
+
+    def _families(self, election: Election | None) -> Iterator[Metric]:
+        leader_changes = CounterMetricFamily(
+            "meshnode_ca_leader_changes", "Times this server learned a new (term, leader)."
+        )
+        elections = CounterMetricFamily(
+            "meshnode_ca_elections_started",
+            "Elections this server started (its term went up after a successful pre-vote).",
+        )
+        term = GaugeMetricFamily("meshnode_ca_term", "This server's current election term.")
+        is_leader = GaugeMetricFamily(
+            "meshnode_ca_leader", "1 while this server is the leader of its term, else 0."
+        )
+        dropped = CounterMetricFamily(
+            "meshnode_ca_dropped_messages",
+            "Election messages received and dropped, by reason.",
+            labels=["reason"],
+        )
+        if election is not None:
+            stats = election.statistics()
+            leader_changes.add_metric([], stats.leader_changes)
+            elections.add_metric([], stats.elections_started)
+            term.add_metric([], election.term)
+            is_leader.add_metric([], 1 if election.is_leader else 0)
+            by_reason: dict[str, int] = {}
+            for reason, count in stats.dropped.items():
+                label = _reason_label(reason)
+                by_reason[label] = by_reason.get(label, 0) + count
+            for label, count in sorted(by_reason.items()):
+                dropped.add_metric([label], count)
+        yield from (leader_changes, elections, term, is_leader, dropped)
+
+
+def register_election_metrics(
+    registry: CollectorRegistry, source: ElectionSource
+) -> ElectionCollector:
+    """Register the election collector on ``registry`` and return it."""
+    collector = ElectionCollector(source)
     registry.register(collector)
     return collector

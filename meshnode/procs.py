@@ -283,7 +283,9 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def agent_command(agent: AgentProcess, join: Sequence[str] = ()) -> list[str]:
+def agent_command(
+    agent: AgentProcess, join: Sequence[str] = (), extra_args: Sequence[str] = ()
+) -> list[str]:
     args = [
         sys.executable,
         "-m",
@@ -304,7 +306,7 @@ def agent_command(agent: AgentProcess, join: Sequence[str] = ()) -> list[str]:
     ]
     for seed in join:
         args += ["--join", seed]
-    return args
+    return args + list(extra_args)
 
 
 def agent_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -316,12 +318,15 @@ def agent_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-async def start_agent(agent: AgentProcess, join: Sequence[str] = ()) -> None:
+async def start_agent(
+    agent: AgentProcess, join: Sequence[str] = (), extra_args: Sequence[str] = ()
+) -> None:
     """Start (or restart) the agent process; its output is appended to its log.
-    With no ``join`` a restarted agent rejoins the members saved in its data dir."""
+    With no ``join`` a restarted agent rejoins the members saved in its data dir.
+    ``extra_args`` go after the standard flags (e.g. ``--server``)."""
     if agent.running:
         raise RuntimeError(f"agent {agent.name} is already running")
-    agent.args = agent_command(agent, join)
+    agent.args = agent_command(agent, join, extra_args)
     with agent.log_path.open("ab") as log_file:
         agent.process = await asyncio.create_subprocess_exec(
             *agent.args,

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gossip.config import DEFAULT, GossipConfig
+from gossip.delegate import Delegate
 from gossip.events import Event, JoinCompleted, MemberFailed, MemberLeft, MemberState
 from gossip.keyring import Envelope, Keyring
 from gossip.transport import GossipTransport, open_transport, parse_host_port
@@ -198,6 +199,32 @@ async def test_other_cluster_cannot_join() -> None:
         assert (await d.join([c.address])).contacted == 0
         assert c.core.stats.dropped.get("decrypt_failed", 0) >= 1, c.core.stats.dropped
         assert a.core.member("b") is None and c.core.member("d") is None
+
+
+class Inbox(Delegate):
+    """Records the user messages that arrive."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def notify_message(self, message: bytes) -> None:
+        self.messages.append(message)
+
+
+async def test_send_user_delivers_datagram_and_stream_messages() -> None:
+    inbox = Inbox()
+    async with (
+        open_transport("a", FAST, bind_host="127.0.0.1", port=0, delegate=inbox) as a,
+        member("b") as b,
+    ):
+        # No join needed: a user message goes to an address, not to a known member.
+        b.send_user(a.address, b"Lhello")
+        await wait_for(lambda: inbox.messages == [b"Lhello"], 2, f"datagram: {inbox.messages}")
+        b.send_user(a.address, b"Lreliable", reliable=True)
+        await wait_for(lambda: len(inbox.messages) == 2, 3, f"stream: {inbox.messages}")
+        assert inbox.messages[1] == b"Lreliable"
+    b.send_user(a.address, b"Llate")  # closed: a quiet no-op, like every late callback
+    assert b.closed
 
 
 async def test_oversize_stream_is_closed_and_counted() -> None:

@@ -48,10 +48,18 @@ class FakeAgent:
     keyring_calls: list[tuple[str, str | None]] = field(default_factory=list)
     script_checks: bool = False
     extra_members: list[Member] = field(default_factory=list)
+    leader_address: str = ""
+    servers: list[str] = field(default_factory=list)
 
     def members(self) -> list[Member]:
         me = Member("node1", ("10.0.0.1", 7946), b"", 3, MemberState.ALIVE, 0.0)
         return [me, *self.extra_members]
+
+    def leader(self) -> str:
+        return self.leader_address
+
+    def peers(self) -> list[str]:
+        return list(self.servers)
 
     def self_info(self) -> dict[str, object]:
         return {"Stats": {"meshnode": {"members": "1"}}, "Ignored": "not an object"}
@@ -513,6 +521,7 @@ async def test_bad_blocking_parameters(env: Env, query: str) -> None:
 
 
 async def test_consul_headers_on_every_response(env: Env) -> None:
+    env.agent.leader_address = "10.0.0.2:7946"
     await env.put("/v1/agent/service/register", WEB_TTL)
     requests = [
         ("GET", "/v1/agent/self"),
@@ -535,6 +544,15 @@ async def test_consul_headers_on_every_response(env: Env) -> None:
         assert int(response.headers["X-Consul-Index"]) >= 1, path
         assert response.headers["X-Consul-KnownLeader"] == "true", path
         assert response.headers["X-Consul-LastContact"] == "0", path
+
+
+async def test_known_leader_header_follows_the_agent(env: Env) -> None:
+    for path in ("/v1/status/leader", "/v1/catalog/services", "/v1/no/such/endpoint"):
+        response = await env.client.get(path)
+        assert response.headers["X-Consul-KnownLeader"] == "false", path
+    env.agent.leader_address = "10.0.0.2:7946"
+    response = await env.client.get("/v1/catalog/services")
+    assert response.headers["X-Consul-KnownLeader"] == "true"
 
 
 async def test_index_never_zero_and_never_backwards(env: Env) -> None:
@@ -723,6 +741,10 @@ async def test_status_and_mesh_endpoints(env: Env) -> None:
     assert await env.get_json("/v1/mesh/gossip") == {"Name": "node1", "Members": {"alive": 1}}
     pretty = await env.client.get("/v1/status/peers?pretty")
     assert await pretty.text() == "[]"
+    env.agent.leader_address = "10.0.0.2:7946"
+    env.agent.servers = ["10.0.0.1:7946", "10.0.0.2:7946", "10.0.0.3:7946"]
+    assert await env.get_json("/v1/status/leader") == "10.0.0.2:7946"
+    assert await env.get_json("/v1/status/peers") == env.agent.servers
 
 
 async def test_keyring_calls_through(env: Env) -> None:
