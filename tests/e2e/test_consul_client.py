@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+
+from meshnode.procs import free_port
 
 consul = pytest.importorskip("consul")
 
@@ -40,21 +41,6 @@ START_WITHIN: Final = 20.0
 STOP_WITHIN: Final = 10.0
 HTTP_CHECK_ID: Final = "service:web-1:1"
 TTL_CHECK_ID: Final = "web-ttl"
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP right now (the gossip port needs both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def wait_for(check: Callable[[], bool], within: float, what: str) -> float:
