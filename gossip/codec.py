@@ -63,7 +63,6 @@ class Ping:
     target: str
     """The member we mean to probe: a restarted process at that address under
     another name must not ack for the old one."""
-    source: str
     source_address: Address
     """Where to send the ack (our advertised address, not the packet's source)."""
 
@@ -164,8 +163,8 @@ def _addr(address: Address) -> list[object]:
 def encode(message: Message) -> bytes:
     """One message as bytes: type byte + msgpack array."""
     match message:
-        case Ping(seq, target, source, source_address):
-            return _pack(MessageType.PING, [seq, target, source, *_addr(source_address)])
+        case Ping(seq, target, source_address):
+            return _pack(MessageType.PING, [seq, target, *_addr(source_address)])
         case IndirectPing(seq, target, target_address, want_nack, source, source_address):
             return _pack(
                 MessageType.INDIRECT_PING,
@@ -272,8 +271,8 @@ def decode_one(data: bytes) -> Message:
             raise RemoteProtocolError("oversize", "user message")
         return User(bytes(body))
     if kind == MessageType.PING:
-        f = _fields(_unpack(body, 16), 5)
-        return Ping(_int(f[0]), _name(f[1]), _name(f[2]), _address(f[3], f[4]))
+        f = _fields(_unpack(body, 16), 4)
+        return Ping(_int(f[0]), _name(f[1]), _address(f[2], f[3]))
     if kind == MessageType.INDIRECT_PING:
         f = _fields(_unpack(body, 16), 8)
         return IndirectPing(

@@ -435,7 +435,7 @@ class Swim:
                 self.stats.push_pulls += 1
                 self._merge_remote(records, user_state, join, now)
                 reply = self._local_push_pull(join=False)
-            case Ping(seq, target, _, _):
+            case Ping(seq, target, _):
                 if target == self.name:
                     reply = Ack(seq)
                 else:
@@ -751,7 +751,7 @@ class Swim:
 
     def _handle(self, message: Message, address: Address, now: float) -> None:
         match message:
-            case Ping(seq, target, _, source_address):
+            case Ping(seq, target, source_address):
                 if target != self.name:
                     self.stats.drop("misdirected")
                     return
@@ -831,7 +831,7 @@ class Swim:
         probe = _Probe(self._seq, target.name, now)
         self._probe = probe
         self.stats.probes += 1
-        ping = codec.encode(Ping(probe.seq, target.name, self.name, self.address))
+        ping = codec.encode(Ping(probe.seq, target.name, self.address))
         if target.state == SUSPECT and self.config.lifeguard:
             # Lifeguard's buddy system: tell the suspect directly so it can refute.
             suspect = codec.encode(Suspect(target.incarnation, target.name, self.name))
@@ -890,7 +890,7 @@ class Swim:
             if self.config.lifeguard:
                 probe.expected_nacks += 1
         if self.config.tcp_fallback_probe:
-            ping = Ping(probe.seq, target.name, self.name, self.address)
+            ping = Ping(probe.seq, target.name, self.address)
             if len(self._pending_streams) < MAX_PENDING_STREAMS:
                 self._open_stream(target.address, ping, ("ping", probe.seq))
 
@@ -922,7 +922,7 @@ class Swim:
             return
         self._seq += 1
         self._relays[self._seq] = _Relay(request.seq, request.source_address, request.want_nack)
-        ping = Ping(self._seq, request.target, self.name, self.address)
+        ping = Ping(self._seq, request.target, self.address)
         self._send(request.target_address, codec.encode(ping), now)
         # memberlist nacks after the full probe timeout; Lifeguard's paper at 80 % of it,
         # so the nack reaches the prober before its own period ends.

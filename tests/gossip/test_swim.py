@@ -148,7 +148,7 @@ def test_probe_and_ack() -> None:
     ]
     ((ping, address),) = pings
     assert address == b.address
-    assert ping.target == "b" and ping.source == "a" and ping.source_address == a.address
+    assert ping.target == "b" and ping.source_address == a.address
     b.receive_packet(a.envelope.seal(codec.encode(ping)), a.address, sent + 0.002)
     acks = [m for data, _ in b.packets_to_send() for m in opened(b, data) if isinstance(m, Ack)]
     assert acks == [Ack(ping.seq)]
@@ -163,7 +163,7 @@ def test_probe_and_ack() -> None:
 
 def test_a_ping_for_another_name_is_not_acked() -> None:
     a, b = pair(LAN)
-    b.receive_packet(packet_for(b, Ping(7, "old-b", "a", a.address)), a.address, 1.0)
+    b.receive_packet(packet_for(b, Ping(7, "old-b", a.address)), a.address, 1.0)
     assert b.packets_to_send() == []
     assert b.stats.dropped == {"misdirected": 1}
 
