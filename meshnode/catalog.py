@@ -615,6 +615,9 @@ class Catalog:
         self.local_name = local.name
         self.queue = queue or BroadcastQueue(4, lambda: len(self._records))
         self._records: dict[str, NodeRecord] = {}
+        # Service name -> nodes with an instance of it, so a health or catalog read of
+        # one service does not scan every record (the API's hottest path).
+        self._nodes_by_service: dict[str, set[str]] = {}
         self._liveness: dict[str, _Liveness] = {}
         self._reaped: dict[str, tuple[int, float]] = {}  # node -> (version, when)
         self._digest = 0
@@ -1044,11 +1047,19 @@ class Catalog:
         old = self._records.get(name)
         if old is not None:
             self._digest = (self._digest - _digest_term(name, old.version)) % 2**64
+            for service in old.services.values():
+                holders = self._nodes_by_service.get(service.name)
+                if holders is not None:
+                    holders.discard(name)
+                    if not holders:
+                        del self._nodes_by_service[service.name]
         if record is None:
             self._records.pop(name, None)
         else:
             self._records[name] = record
             self._digest = (self._digest + _digest_term(name, record.version)) % 2**64
+            for service in record.services.values():
+                self._nodes_by_service.setdefault(service.name, set()).add(name)
         self._changed(name, before, self._views(name))
 
     def _views(self, name: str) -> _NodeView | None:
@@ -1189,7 +1200,8 @@ class Catalog:
         has every ``node_meta`` pair. Sorted by node, then service ID."""
         wanted = [t.lower() for t in tags]
         out: list[ServiceInstance] = []
-        for record in self.records():
+        for node in sorted(self._nodes_by_service.get(name, ())):
+            record = self._records[node]
             if not _meta_matches(record.meta, node_meta):
                 continue
             for service_id in sorted(record.services):
@@ -1222,7 +1234,8 @@ class Catalog:
     def checks_for_service(self, name: str) -> list[CheckView]:
         """``/v1/health/checks/:service``: the service's own checks on every node."""
         out: list[CheckView] = []
-        for record in self.records():
+        for node in sorted(self._nodes_by_service.get(name, ())):
+            record = self._records[node]
             for service_id in sorted(record.services):
                 if record.services[service_id].name == name:
                     out.extend(self._service_checks(record, service_id))

@@ -438,3 +438,32 @@ def test_index_never_goes_backwards(batch: list[NodeRecord]) -> None:
         catalog.merge(record)
         assert catalog.index >= last >= 1
         last = catalog.index
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batches=st.lists(records(), max_size=12), reaped=st.lists(st.sampled_from(["n1", "n2"])))
+def test_service_lookups_match_a_full_scan(batches: list[NodeRecord], reaped: list[str]) -> None:
+    # The service-name index must agree with scanning every record, whatever order
+    # records arrive in, replace each other or are reaped.
+    catalog = fresh()
+    for record in batches:
+        catalog.merge(record)
+    for node in reaped:
+        catalog._reap(node, 1.0)
+    names = {s.name for r in catalog.records() for s in r.services.values()} | {"absent"}
+    for name in names:
+        expected = [
+            (r.node, sid)
+            for r in catalog.records()
+            for sid in sorted(r.services)
+            if r.services[sid].name == name
+        ]
+        got = [(i.node.name, i.service.id) for i in catalog.service_instances(name)]
+        assert got == expected, name
+        assert catalog.checks_for_service(name) == [
+            check
+            for r in catalog.records()
+            for sid in sorted(r.services)
+            if r.services[sid].name == name
+            for check in catalog._service_checks(r, sid)
+        ]
