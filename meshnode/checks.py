@@ -75,6 +75,7 @@ import aiohttp
 import structlog
 
 from meshnode.errors import MeshError
+from meshnode.model import format_duration
 
 log = structlog.get_logger()
 
@@ -176,36 +177,9 @@ def _status(value: object) -> HealthStatus:
 # ---------------------------------------------------------------------------- durations
 
 
-def format_go_duration(seconds: float) -> str:
-    """``seconds`` as Go's ``time.Duration.String()`` prints it: ``10s``, ``1m30s``,
-    ``200ms``. Consul puts such text in outputs ("Timed out (10s) running check")."""
-    total = round(seconds * 1e9)
-    if total == 0:
-        return "0s"
-    sign = "-" if total < 0 else ""
-    total = abs(total)
-
-    def fixed(value: int, scale: int) -> str:
-        whole, fraction = divmod(value, scale)
-        if not fraction:
-            return str(whole)
-        digits = len(str(scale)) - 1
-        return f"{whole}.{fraction:0{digits}d}".rstrip("0")
-
-    if total < 1_000:
-        return f"{sign}{total}ns"
-    if total < 1_000_000:
-        return f"{sign}{fixed(total, 1_000)}µs"
-    if total < 1_000_000_000:
-        return f"{sign}{fixed(total, 1_000_000)}ms"
-    hours, rest = divmod(total, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    text = fixed(rest, 1_000_000_000) + "s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{sign}{minutes}m{text}"
-    return sign + text
+# Go's time.Duration.String(), as Consul puts it in outputs ("Timed out (10s) running
+# check"); one implementation, shared with the API's output shapes.
+format_go_duration = format_duration
 
 
 # ---------------------------------------------------------------------------- the spec
