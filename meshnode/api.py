@@ -29,7 +29,9 @@ already decide; it translates:
   from ``X-Consul-Token``, ``Authorization: Bearer`` or ``?token=`` (Consul API docs,
   "Authentication"), else 403 ``Permission denied``. Reads stay open, as the agent
   listens on loopback by default (DESIGN.md), except ``GET /v1/operator/keyring``,
-  which lists the gossip encryption keys and so needs the token too.
+  which lists the gossip encryption keys, and ``GET /v1/agent/connect/ca/leaf/:svc``,
+  which returns a private key (Consul wants ``service:write`` for it), so they need
+  the token too. ``POST /v1/agent/connect/authorize`` is a read despite its method.
 
 The agent process itself is reached only through the small ``AgentHandle`` protocol,
 so the API is tested with a real ``Catalog`` and a fake agent. The module never owns
@@ -59,6 +61,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from gossip.events import Member, MemberState
 from meshnode.catalog import Catalog, NotFoundError
 from meshnode.config import AclConfig
+from meshnode.connect import ConnectHandle
 from meshnode.model import (
     CheckDefinition,
     CheckKind,
@@ -113,6 +116,10 @@ PERMISSION_DENIED: Final = "Permission denied"
 _WRITE_METHODS: Final = frozenset({"PUT", "POST", "DELETE", "PATCH"})
 #: Reads that need the token anyway because they reveal secrets (gossip keys).
 _SECRET_READS: Final = frozenset({"/v1/operator/keyring"})
+#: ... and paths under which every read does (leaf certificates carry private keys).
+_SECRET_READ_PREFIXES: Final = ("/v1/agent/connect/ca/leaf/",)
+#: POSTs that only read, so need no token (Consul: authorize is a read).
+_POST_READS: Final = frozenset({"/v1/agent/connect/authorize"})
 
 
 def _installed_version() -> str:
@@ -281,7 +288,11 @@ def _request_token(request: web.Request) -> str | None:
 @web.middleware
 async def _acl_middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
     acl = request.app[API].acl
-    needs_token = request.method in _WRITE_METHODS or request.path in _SECRET_READS
+    needs_token = (
+        (request.method in _WRITE_METHODS and request.path not in _POST_READS)
+        or request.path in _SECRET_READS
+        or request.path.startswith(_SECRET_READ_PREFIXES)
+    )
     if acl.enabled and needs_token:
         presented = _request_token(request)
         # Fail closed: ACLs on without a configured token refuse every write.
@@ -1043,6 +1054,7 @@ def build_app(
     datacenter: str,
     node_name: str,
     rng: random.Random | None = None,
+    connect: ConnectHandle | None = None,
 ) -> web.Application:
     """The agent's HTTP API as an aiohttp application (not started).
 
@@ -1054,9 +1066,12 @@ def build_app(
         datacenter: our datacenter, as reported in shapes and ``/v1/agent/self``.
         node_name: our node name.
         rng: source of blocking-query jitter (default: a fresh ``random.Random``).
+        connect: the agent's Connect side; when given, the Connect routes
+            (``meshnode.connect_api``) are mounted too.
 
     Returns:
-        An application that subscribes to ``catalog.on_change`` while it runs.
+        An application that subscribes to ``catalog.on_change`` (and to the Connect
+        and policy changes) while it runs.
     """
     app = web.Application(
         middlewares=[_acl_middleware, _error_middleware],
@@ -1123,6 +1138,11 @@ def build_app(
     routes.add_get("/v1/mesh/gossip", _mesh_gossip)
     for method in ("GET", "POST", "PUT", "DELETE"):
         routes.add_route(method, "/v1/operator/keyring", _keyring)
+    if connect is not None:
+        # Imported here: connect_api builds on this module's helpers.
+        from meshnode import connect_api
+
+        connect_api.add_routes(app, connect)
     return app
 
 
