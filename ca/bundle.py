@@ -42,8 +42,8 @@ from typing import Final, TypeAlias
 import msgpack
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -281,6 +281,64 @@ def _checked_bundle(bundle: TrustBundle) -> TrustBundle:
         except CRYPTO_ERRORS:
             raise RemoteProtocolError("malformed", "root is not self-signed") from None
     return bundle
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+def sign_data(key: SigningKey, payload: bytes) -> bytes:
+    """The CA's signature over ``payload`` (policy entries): ECDSA with SHA-256, or
+    RSA PKCS#1 v1.5 with SHA-256 for an operator's RSA key."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(payload, padding.PKCS1v15(), hashes.SHA256())
+    return key.sign(payload, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_signature(bundle: TrustBundle, payload: bytes, signature: bytes, key_id: str) -> bool:
+    """Whether ``signature`` over ``payload`` was made by the key of the bundle
+    certificate (root or served intermediate) whose :func:`pem_id` is ``key_id``.
+    Never raises for a bad signature or an unknown key: returns False."""
+    for pem in _bundle_certificates(bundle):
+        if pem_id(pem) != key_id:
+            continue
+        public_key = load_pem_certificate(pem).public_key()
+        try:
+            if isinstance(public_key, rsa.RSAPublicKey):
+                public_key.verify(signature, payload, padding.PKCS1v15(), hashes.SHA256())
+            elif isinstance(public_key, ec.EllipticCurvePublicKey):
+                public_key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
+            else:
+                return False
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+    return False
+
+
+def _bundle_certificates(bundle: TrustBundle) -> list[Pem]:
+    return [pem for root in bundle.roots for pem in (root.cert_pem, *root.intermediate_pems)]
+
+
+def bundle_continues(current: TrustBundle, new: TrustBundle) -> bool:
+    """Whether ``new`` may replace ``current``: same trust domain, and it keeps one of
+    our roots or carries a certificate (a cross-signed root) that one of our roots
+    issued. A gossiped bundle with neither is refused: a member holding only the
+    gossip key must not be able to swap the cluster's trust anchors."""
+    if new.trust_domain != current.trust_domain:
+        return False
+    ours = {root.id for root in current.roots}
+    if any(root.id in ours for root in new.roots):
+        return True
+    trusted = [load_pem_certificate(pem) for pem in current.root_pems]
+    for pem in new.intermediate_pems:
+        cert = load_pem_certificate(pem)
+        for anchor in trusted:
+            try:
+                cert.verify_directly_issued_by(anchor)
+            except CRYPTO_ERRORS:
+                continue
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- verification

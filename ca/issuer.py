@@ -64,7 +64,9 @@ from ca.bundle import (
     certificate_pem,
     is_ca,
     load_pem_certificate,
+    pem_id,
     same_public_key,
+    sign_data,
     uri_sans,
     utc,
 )
@@ -437,6 +439,13 @@ class CertificateAuthority:
         self._roots[index] = dataclasses.replace(
             root, max_leaf_not_after=latest, max_leaf_ttl=longest
         )
+
+    def sign_data(self, payload: bytes) -> tuple[bytes, str]:
+        """Sign ``payload`` (a policy entry) with the key that signs leaves; returns
+        (signature, key ID): the :func:`~ca.bundle.pem_id` of the certificate in the
+        bundle that verifies it (``ca.bundle.verify_signature``)."""
+        root = self._roots[self._active_index()]
+        return sign_data(self._keys[root.id], payload), pem_id(root.signing_cert_pem)
 
     # ------------------------------------------------------------------ rotation
 
