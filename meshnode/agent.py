@@ -38,6 +38,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,6 +47,8 @@ import msgpack
 import structlog
 from prometheus_client import CollectorRegistry
 
+from ca.bundle import TrustBundle
+from ca.renewal import rotation_spread
 from gossip.broadcast import BroadcastQueue
 from gossip.events import (
     Event,
@@ -66,9 +69,17 @@ from gossip.events import (
 from gossip.keyring import Envelope, Keyring, decode_key
 from gossip.transport import GossipTransport, parse_host_port
 from meshnode import api, systemd
+from meshnode.authority import CaServer, CaSettings
 from meshnode.catalog import Catalog, CatalogDecodeError, CatalogDelegate, NodeRecord
+from meshnode.certs import BUNDLE_TAG, BundleStore, LeafManager
 from meshnode.checks import CheckError, CheckRunner, CheckSpec
 from meshnode.config import AgentConfig
+from meshnode.connect import (
+    LocalLeaf,
+    NoLeaderError,
+    PermissionDeniedError,
+    RequestRefusedError,
+)
 from meshnode.discovery import MdnsDiscovery, RetryJoiner
 from meshnode.errors import ConfigError
 from meshnode.leadership import (
@@ -78,11 +89,14 @@ from meshnode.leadership import (
     encode_node_meta,
     format_address,
     leader_from_members,
+    meta_is_server,
     servers_from_members,
 )
 from meshnode.logging import configure_logging
 from meshnode.metrics import (
+    ConnectStats,
     register_catalog_metrics,
+    register_connect_metrics,
     register_election_metrics,
     register_gossip_metrics,
 )
@@ -93,7 +107,20 @@ from meshnode.model import (
     ValidationError,
     parse_registration,
 )
-from meshnode.persistence import DataDir
+from meshnode.persistence import DataDir, DataDirError
+from meshnode.policy import (
+    WIRE_TYPE as POLICY_WIRE_TYPE,
+)
+from meshnode.policy import (
+    PolicyDecodeError,
+    PolicyDelegate,
+    PolicyEntry,
+    PolicyStore,
+    PolicyValue,
+    decode_entry,
+    decode_state,
+)
+from meshnode.rpc import REQUEST_TAG, RESPONSE_TAG, Address, Rpc, RpcError
 
 log = structlog.get_logger()
 
@@ -104,6 +131,19 @@ KEYRING_TAG: Final = b"K"
 #: whose critical checks asked for it.
 HOUSEKEEPING_INTERVAL: Final = 5.0
 KEYRING_FILE: Final = "keyring.json"
+POLICY_FILE: Final = "policy.bin"
+#: Policy is written to disk at most this long after a change (batched).
+POLICY_SAVE_DELAY: Final = 0.2
+#: How long a write or CSR waits for a leader (elections take 1-2 s).
+LEADER_WAIT: Final = 10.0
+#: The leader's signing capacity assumed when spreading re-issues after a rotation:
+#: half of what ``bench/ca_sign.py`` measures on a 2-core machine (~1,000/s).
+ASSUMED_SIGNING_RATE: Final = 500.0
+#: A leaf with less than this share of the configured TTL left is "expiring soon":
+#: renewals happen at 40-60 % of a leaf's life, so a healthy agent never gets there.
+EXPIRING_SOON_SHARE: Final = 0.3
+#: First bytes of the bundle fingerprint gossiped in node metadata.
+META_BUNDLE_BYTES: Final = 8
 
 
 def _describe(event: Event) -> tuple[str, dict[str, Any]]:
@@ -157,6 +197,15 @@ class Agent:
         self._runner: CheckRunner | None = None
         self._keyring: Keyring | None = None
         self._election: ElectionDriver | None = None  # servers only
+        self._ca_server: CaServer | None = None  # servers only
+        self._bundles: BundleStore | None = None
+        self._policy: PolicyStore | None = None
+        self._policy_delegate: PolicyDelegate | None = None
+        self._leaves: LeafManager | None = None
+        self._rpc: Rpc | None = None
+        self._connect_listeners: list[Callable[[int], None]] = []
+        self._policy_save: asyncio.TimerHandle | None = None
+        self._published_meta = b""
         # A client's answer to "who leads" (from the servers' metadata), cached because
         # every HTTP response asks (X-Consul-KnownLeader); reset by member events.
         self._client_leader: str | None = None
@@ -213,6 +262,11 @@ class Agent:
             self._catalog = catalog
             self._restore_local_state()
             self._register_config_services(config)
+            self._bundles = BundleStore(self.data_dir, queue)
+            self._policy = PolicyStore(self._bundles.verify, queue=queue)
+            self._policy_delegate = PolicyDelegate(self._policy)
+            self._restore_policy()
+            self._policy.on_change(self._policy_changed)
 
             transport = GossipTransport(
                 config.node_name,
@@ -235,8 +289,29 @@ class Agent:
             )
             register_gossip_metrics(self.registry, lambda: transport.core)
             register_catalog_metrics(self.registry, catalog)
+            self._rpc = Rpc(
+                config.node_name,
+                lambda address, payload: transport.send_user(address, payload, reliable=True),
+                self._member_address,
+                random.Random(self._rng.random()),
+            )
+            stack.push_async_callback(self._rpc.aclose)
             if config.server:
                 self._start_election(stack)
+                self._start_ca_server(stack)
+            self._leaves = LeafManager(
+                node=config.node_name,
+                datacenter=config.datacenter,
+                data_dir=self.data_dir,
+                bundles=self._bundles,
+                request=self._request_leaf,
+                wanted=self._wanted_leaves,
+                spread=self._reissue_spread,
+                rng=random.Random(self._rng.random()),
+            )
+            self._leaves.on_change(self._connect_changed)
+            self._bundles.on_change(self._bundle_changed)
+            register_connect_metrics(self.registry, self.connect_stats)
 
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
@@ -257,6 +332,7 @@ class Agent:
             app = api.build_app(
                 self,
                 catalog,
+                connect=self,
                 acl=config.acl,
                 registry=self.registry,
                 datacenter=config.datacenter,
@@ -290,7 +366,10 @@ class Agent:
                 tasks = [
                     group.create_task(self._join_cluster(stack)),
                     group.create_task(self._housekeeping()),
+                    group.create_task(self._leaves.run()),
                 ]
+                if self._ca_server is not None:
+                    tasks.append(group.create_task(self._ca_server.run()))
                 watchdog_interval = systemd.watchdog_interval()
                 if watchdog_interval is not None:
                     tasks.append(group.create_task(systemd.keep_watchdog_alive(watchdog_interval)))
@@ -300,6 +379,7 @@ class Agent:
                 for task in tasks:
                     task.cancel()
             self._save_members()
+            self._save_policy()
             log.info("agent_stopped", node=config.node_name, left=self._stopped_by_leave)
 
     def _open_data_dir(self, stack: contextlib.AsyncExitStack) -> None:
@@ -355,6 +435,44 @@ class Agent:
         """Persist our record and bring the check runner in line with it."""
         self.data_dir.save_local_state({"record": self.catalog.local.to_dict()})
         self._sync_checks()
+        if self._leaves is not None:
+            self._leaves.wake()
+
+    # ------------------------------------------------------------------ policy on disk
+
+    def _restore_policy(self) -> None:
+        """Enforce the policy we last knew before rejoining anyone (each entry is
+        verified against the saved bundle, like any other)."""
+        policy = self.policy
+        data = self.data_dir.read_bytes(POLICY_FILE)
+        if data is None:
+            return
+        try:
+            entries, bad = decode_state(data)
+        except PolicyDecodeError as exc:
+            log.error("policy_unreadable", file=POLICY_FILE, error=str(exc))
+            return
+        now = asyncio.get_running_loop().time()
+        applied = sum(1 for entry in entries if policy.apply(entry, now, broadcast=False))
+        log.info("policy_restored", entries=applied, refused=len(entries) - applied + bad)
+
+    def _policy_changed(self, index: int) -> None:
+        if self._policy_save is None:
+            loop = asyncio.get_running_loop()
+            self._policy_save = loop.call_later(POLICY_SAVE_DELAY, self._save_policy)
+
+    def _save_policy(self) -> None:
+        if self._policy_save is not None:
+            self._policy_save.cancel()
+            self._policy_save = None
+        if self._policy is None or self._data_dir is None:
+            return
+        delegate = self._policy_delegate
+        assert delegate is not None
+        try:
+            self._data_dir.atomic_write_bytes(POLICY_FILE, delegate.local_state(False))
+        except DataDirError as exc:
+            log.error("policy_not_saved", error=str(exc))
 
     def _sync_checks(self) -> None:
         runner = self._runner
@@ -420,6 +538,69 @@ class Agent:
         driver.sync_members(transport.core.members())
         register_election_metrics(self.registry, lambda: driver.election)
 
+    def _start_ca_server(self, stack: contextlib.AsyncExitStack) -> None:
+        """The CA service (after the election: it asks the election who leads)."""
+        config = self.config
+        election = self._election
+        assert election is not None and self._rpc is not None
+        assert self._policy is not None and self._bundles is not None
+        bundles = self._bundles
+
+        def servers() -> list[tuple[str, Address]]:
+            return [(s.name, s.address) for s in election.election.servers()]
+
+        def publish(bundle: TrustBundle) -> None:
+            bundles.apply(bundle, authoritative=True)
+
+        loop = asyncio.get_running_loop()
+        server = CaServer(
+            CaSettings(
+                node=config.node_name,
+                datacenter=config.datacenter,
+                cluster=config.cluster,
+                leaf_ttl=timedelta(seconds=config.ca.leaf_ttl),
+                trust_domain=config.ca.trust_domain,
+                cert_file=config.ca.cert_file,
+                key_file=config.ca.key_file,
+                acl_enabled=config.acl.enabled,
+                acl_token=config.acl.token,
+            ),
+            rpc=self._rpc,
+            data_dir=self.data_dir,
+            policy=self._policy,
+            is_leader=lambda: election.election.is_leader,
+            term=lambda: election.election.term,
+            leader_address=election.election.leader_address,
+            servers=servers,
+            is_server=self._is_server,
+            registered=self._service_registered_on,
+            known_bundle=lambda: bundles.bundle,
+            publish_bundle=publish,
+            monotonic=loop.time,
+        )
+        stack.callback(server.close)
+        self._ca_server = server
+
+    def _is_server(self, node: str) -> bool:
+        member = self.transport.core.member(node)
+        return member is not None and meta_is_server(member.meta)
+
+    def _service_registered_on(self, node: str, service: str) -> bool:
+        """The CA's question: is ``service`` registered on ``node`` (for the agent's
+        own identity, ``""``: is ``node`` a member)?"""
+        record = self.catalog.record(node)
+        if record is None:
+            return False
+        if not service:
+            return True
+        return any(instance.name == service for instance in record.services.values())
+
+    def _member_address(self, node: str) -> Address | None:
+        member = self.transport.core.member(node)
+        if member is None or member.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            return None
+        return member.address
+
     def receive_election_message(self, message: bytes) -> None:
         """A gossip user message tagged ``L``. Only servers are sent any; elsewhere
         (a stray one) there is no election to give it to, and it is dropped."""
@@ -427,9 +608,14 @@ class Agent:
             self._election.receive(message)
 
     def _publish_node_meta(self) -> None:
-        """Gossip our new metadata (a new incarnation, one alive broadcast)."""
-        if self._transport is not None:
-            self._transport.core.set_meta(self.node_meta(), asyncio.get_running_loop().time())
+        """Gossip our new metadata (a new incarnation, one alive broadcast) if it
+        changed; tell the CA service, since this is called when the leader changes."""
+        if self._ca_server is not None:
+            self._ca_server.leadership_changed()
+        meta = self.node_meta()
+        if self._transport is not None and meta != self._published_meta:
+            self._published_meta = meta
+            self._transport.core.set_meta(meta, asyncio.get_running_loop().time())
 
     async def _join_cluster(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
@@ -745,10 +931,18 @@ class Agent:
         keyring = self._keyring
         fingerprints = [_short_fingerprint(k) for k in keyring.keys()[:32]] if keyring else []
         election = self._election
+        bundles, leaves = self._bundles, self._leaves
+        soonest = leaves.soonest_expiry() if leaves is not None else None
         return encode_node_meta(
             fingerprints,
             server=self.config.server,
             leader=election.leader_claim() if election is not None else None,
+            bundle=(
+                bytes.fromhex(bundles.fingerprint)[:META_BUNDLE_BYTES]
+                if bundles is not None and bundles.fingerprint
+                else b""
+            ),
+            soonest_expiry=int(soonest.timestamp()) if soonest is not None else None,
         )
 
     def _load_keyring(self) -> Keyring | None:
@@ -769,6 +963,217 @@ class Agent:
                 KEYRING_FILE,
                 [base64.b64encode(k).decode() for k in self._keyring.keys()],  # noqa: SIM118
             )
+
+    # ------------------------------------------------------------------ connect: parts
+
+    @property
+    def policy(self) -> PolicyStore:
+        assert self._policy is not None
+        return self._policy
+
+    @property
+    def default_intention_policy(self) -> str:
+        return self.config.default_intention_policy
+
+    def trust_bundle(self) -> TrustBundle | None:
+        return self._bundles.bundle if self._bundles is not None else None
+
+    def connect_index(self) -> int:
+        bundles, leaves = self._bundles, self._leaves
+        return (bundles.index if bundles else 0) + (leaves.index if leaves else 0)
+
+    def on_connect_change(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        self._connect_listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._connect_listeners:
+                self._connect_listeners.remove(callback)
+
+        return unsubscribe
+
+    def _connect_changed(self, index: int = 0) -> None:
+        index = self.connect_index()
+        for listener in list(self._connect_listeners):
+            listener(index)
+        self._publish_node_meta()
+
+    def _bundle_changed(self, bundle: TrustBundle) -> None:
+        if self._ca_server is not None:
+            self._ca_server.bundle_seen(bundle)
+        self._connect_changed()
+
+    def _wanted_leaves(self) -> set[str]:
+        """The identities this agent needs: its own and each local service's."""
+        wanted = {""}
+        wanted.update(instance.name for instance in self.catalog.local.services.values())
+        return wanted
+
+    def _reissue_spread(self) -> timedelta:
+        """How long to spread re-issues after a rotation: the cluster's instance count
+        over half the leader's signing capacity (``ca.renewal.rotation_spread``)."""
+        instances = sum(len(r.services) + 1 for r in self.catalog.records())
+        return rotation_spread(instances, ASSUMED_SIGNING_RATE)
+
+    def connect_stats(self) -> ConnectStats:
+        policy, bundles, leaves = self._policy, self._bundles, self._leaves
+        assert policy is not None and bundles is not None and leaves is not None
+        delegate = self._policy_delegate
+        soonest = leaves.soonest_expiry()
+        status = self.ca_status()
+        server = self._ca_server
+        rpc = self._rpc
+        return ConnectStats(
+            policy_entries=len(policy.values()),
+            policy_outcomes=dict(policy.stats),
+            policy_rejected=dict(delegate.decode_errors) if delegate else {},
+            bundle_version=bundles.bundle.version if bundles.bundle else 0,
+            bundle_outcomes=dict(bundles.stats),
+            leaves=len(leaves.leaves()),
+            leaf_outcomes=dict(leaves.stats),
+            seconds_to_expiry=(
+                (soonest - datetime.now(UTC)).total_seconds() if soonest is not None else None
+            ),
+            agents_lagging=int(str(status["Lagging"])),
+            agents_expiring_soon=int(str(status["ExpiringSoon"])),
+            ca_operations=dict(server.stats) if server is not None else {},
+            rpc_dropped=dict(rpc.dropped) if rpc is not None else {},
+        )
+
+    # ------------------------------------------------------------------ connect: leader
+
+    async def _call_leader(self, method: str, body: dict[str, Any]) -> Any:
+        """Call ``method`` on the CA leader, waiting up to :data:`LEADER_WAIT` for one
+        (elections take a second or two). Raises :class:`NoLeaderError`, or
+        ``RpcError`` for the leader's own refusals."""
+        rpc = self._rpc
+        assert rpc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LEADER_WAIT
+        delay = 0.1
+        reason = "No cluster leader"
+        while True:
+            leader = self._leader_address()
+            remaining = deadline - loop.time()
+            if leader is not None and remaining > 0:
+                try:
+                    return await rpc.call(leader, method, body, within=min(5.0, remaining))
+                except RpcError as exc:
+                    if exc.code not in ("not_leader", "no_ca", "timeout", "busy", "closed"):
+                        raise
+                    reason = f"No cluster leader ({exc.message})"
+            if loop.time() + delay >= deadline:
+                raise NoLeaderError(reason)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    def _leader_address(self) -> Address | None:
+        if self._election is not None:
+            return self._election.election.leader_address()
+        member = leader_from_members(self.transport.core.members())
+        return member.address if member is not None else None
+
+    async def _request_leaf(self, service: str, csr: str) -> dict[str, Any]:
+        try:
+            answer = await self._call_leader("ca.sign", {"service": service, "csr": csr})
+        except RpcError as exc:
+            raise RequestRefusedError(exc.code, exc.message) from None
+        if not isinstance(answer, dict):
+            raise RequestRefusedError("bad_answer", "the leader's answer is not a map")
+        return answer
+
+    def _translate(self, exc: RpcError) -> Exception:
+        if exc.code == "permission_denied":
+            return PermissionDeniedError(exc.message)
+        if exc.code == "invalid":
+            return ValidationError("", exc.message)
+        return RequestRefusedError(exc.code, exc.message)
+
+    async def leaf_certificate(self, service: str) -> LocalLeaf:
+        assert self._leaves is not None
+        return await self._leaves.get(service)
+
+    async def write_policy(self, value: PolicyValue, token: str | None) -> PolicyEntry:
+        from meshnode.policy import value_to_body
+
+        body = {"kind": value.kind, "name": value.name, "body": value_to_body(value)}
+        return await self._policy_call("policy.write", body, token)
+
+    async def delete_policy(self, kind: str, name: str, token: str | None) -> bool:
+        if self.policy.get(kind, name) is None:
+            return False
+        entry = await self._policy_call("policy.delete", {"kind": kind, "name": name}, token)
+        return entry is not None
+
+    async def _policy_call(
+        self, method: str, body: dict[str, Any], token: str | None
+    ) -> PolicyEntry:
+        if token is not None:
+            body["token"] = token
+        try:
+            answer = await self._call_leader(method, body)
+        except RpcError as exc:
+            raise self._translate(exc) from None
+        raw = answer.get("entry") if isinstance(answer, dict) else None
+        if raw is None:
+            return None  # type: ignore[return-value]
+        if not isinstance(raw, bytes):
+            raise RequestRefusedError("bad_answer", "the leader's answer has no entry")
+        try:
+            entry = decode_entry(raw)
+        except PolicyDecodeError as exc:
+            raise RequestRefusedError("bad_answer", str(exc)) from None
+        # Read your writes: apply it here now rather than when gossip brings it.
+        self.policy.apply(entry, asyncio.get_running_loop().time())
+        return entry
+
+    async def rotate_ca(self, token: str | None) -> str:
+        body: dict[str, Any] = {} if token is None else {"token": token}
+        try:
+            answer = await self._call_leader("ca.rotate", body)
+        except RpcError as exc:
+            raise self._translate(exc) from None
+        return str(answer.get("root", "")) if isinstance(answer, dict) else ""
+
+    def ca_status(self) -> dict[str, object]:
+        """Each live member's bundle fingerprint and soonest leaf expiry (from its
+        metadata), compared with ours."""
+        ours = self._bundles.fingerprint if self._bundles is not None else ""
+        ours_short = bytes.fromhex(ours)[:META_BUNDLE_BYTES] if ours else b""
+        now = datetime.now(UTC).timestamp()
+        soon = self.config.ca.leaf_ttl * EXPIRING_SOON_SHARE
+        agents: list[dict[str, object]] = []
+        lagging = expiring = 0
+        for member in sorted(self.transport.core.members(), key=lambda m: m.name):
+            if member.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+                continue
+            meta = decode_node_meta(member.meta)
+            fingerprint = meta.get("b")
+            expiry = meta.get("x")
+            theirs = fingerprint.hex() if isinstance(fingerprint, bytes) else ""
+            is_lagging = bool(ours_short) and theirs != ours_short.hex()
+            expires = expiry if isinstance(expiry, int) and not isinstance(expiry, bool) else None
+            is_expiring = expires is not None and expires - now < soon
+            lagging += is_lagging
+            expiring += is_expiring
+            agents.append(
+                {
+                    "Node": member.name,
+                    "BundleFingerprint": theirs,
+                    "SoonestExpiry": (
+                        datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z")
+                        if expires is not None
+                        else None
+                    ),
+                    "Lagging": is_lagging,
+                    "ExpiringSoon": is_expiring,
+                }
+            )
+        return {
+            "BundleFingerprint": ours_short.hex(),
+            "Agents": agents,
+            "Lagging": lagging,
+            "ExpiringSoon": expiring,
+        }
 
 
 def _fingerprint(key: bytes) -> str:
@@ -811,10 +1216,24 @@ class _AgentDelegate(CatalogDelegate):
         return self._agent.node_meta()
 
     def notify_message(self, message: bytes) -> None:
-        if message[:1] == ELECTION_TAG:
-            self._agent.receive_election_message(message)
+        tag = message[:1]
+        agent = self._agent
+        if tag == ELECTION_TAG:
+            agent.receive_election_message(message)
             return
-        if message[:1] != KEYRING_TAG:
+        if tag in (REQUEST_TAG, RESPONSE_TAG):
+            if agent._rpc is not None:
+                agent._rpc.receive(message)
+            return
+        if tag == _POLICY_TAG:
+            if agent._policy_delegate is not None:
+                agent._policy_delegate.notify_message(message, _loop_time())
+            return
+        if tag == BUNDLE_TAG:
+            if agent._bundles is not None:
+                agent._bundles.receive(message[1:])
+            return
+        if tag != KEYRING_TAG:
             super().notify_message(message)
             return
         try:
@@ -826,6 +1245,49 @@ class _AgentDelegate(CatalogDelegate):
             return
         if self._agent.apply_keyring_change(op, key):
             self.catalog.queue.queue(message, f"keyring:{_fingerprint(key)}")
+
+    # Push-pull carries every layer's full state: msgpack [catalog, policy, bundle].
+
+    def local_state(self, join: bool) -> bytes:
+        agent = self._agent
+        policy = agent._policy_delegate.local_state(join) if agent._policy_delegate else b""
+        bundle = agent._bundles.encoded if agent._bundles is not None else b""
+        packed: bytes = msgpack.packb(
+            [super().local_state(join), policy, bundle], use_bin_type=True
+        )
+        return packed
+
+    def merge_remote_state(self, state: bytes, join: bool) -> None:
+        try:
+            parts = msgpack.unpackb(state, raw=False, max_array_len=3, max_bin_len=len(state))
+            if not isinstance(parts, list) or len(parts) != 3:
+                raise ValueError("not three parts")
+            catalog_state, policy_state, bundle = parts
+            if not all(isinstance(p, bytes) for p in parts):
+                raise ValueError("parts are not bytes")
+        except (ValueError, TypeError, msgpack.UnpackException):
+            self._reject(CatalogDecodeError("state_malformed"))
+            return
+        agent = self._agent
+        # Trust first, then what it verifies.
+        if bundle and agent._bundles is not None:
+            agent._bundles.receive(bundle)
+        super().merge_remote_state(catalog_state, join)
+        if policy_state and agent._policy_delegate is not None:
+            agent._policy_delegate.merge_remote_state(policy_state, join, _loop_time())
+
+    def state_digest(self) -> bytes:
+        agent = self._agent
+        policy = agent._policy.digest() if agent._policy is not None else b""
+        bundle = agent._bundles.digest() if agent._bundles is not None else b""
+        return super().state_digest() + policy + bundle
+
+
+_POLICY_TAG: Final = bytes((POLICY_WIRE_TYPE,))
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 async def run_agent(config: AgentConfig, reload: Callable[[], AgentConfig] | None) -> int:

@@ -39,7 +39,9 @@ Every member gossips a small msgpack map (``Swim.set_meta``; at most 512 bytes):
 
 * ``"k"``: 4-byte fingerprints of its gossip keys, primary first (``keyring list``);
 * ``"s"``: ``True`` on servers (CA-eligible, run an election);
-* ``"l"``: ``[term, leader name]`` on a server that currently knows a leader.
+* ``"l"``: ``[term, leader name]`` on a server that currently knows a leader;
+* ``"b"``: the first 8 bytes of the fingerprint of the trust bundle it serves, and
+  ``"x"``: the Unix time its soonest leaf certificate expires (``meshnode ca status``).
 
 Clients run no election, yet ``/v1/status/leader`` must answer on them too. Options
 were (a) clients ask a server, a request/response protocol with its own timeouts and
@@ -105,13 +107,24 @@ SendFunction = Callable[[Address, bytes], None]
 
 
 def encode_node_meta(
-    fingerprints: Sequence[bytes], *, server: bool, leader: LeaderClaim | None
+    fingerprints: Sequence[bytes],
+    *,
+    server: bool,
+    leader: LeaderClaim | None,
+    bundle: bytes = b"",
+    soonest_expiry: int | None = None,
 ) -> bytes:
     """Our gossip metadata (see the module docstring); ``b""`` when there is nothing
-    to say, which is what a plain client without encryption has always sent."""
+    to say, which is what a plain client without encryption has always sent.
+    ``bundle`` is the first bytes of the fingerprint of the trust bundle we serve and
+    ``soonest_expiry`` the Unix time our first leaf expires (``meshnode ca status``)."""
     value: dict[str, Any] = {}
     if fingerprints:
         value["k"] = list(fingerprints)
+    if bundle:
+        value["b"] = bundle
+    if soonest_expiry is not None:
+        value["x"] = soonest_expiry
     if server:
         value["s"] = True
         if leader is not None:

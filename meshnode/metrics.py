@@ -15,7 +15,8 @@ reasons, which are constants in the gossip code).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client.core import (
@@ -233,5 +234,119 @@ def register_election_metrics(
 ) -> ElectionCollector:
     """Register the election collector on ``registry`` and return it."""
     collector = ElectionCollector(source)
+    registry.register(collector)
+    return collector
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectStats:
+    """What the Connect collector reports, read from the agent at scrape time."""
+
+    policy_entries: int
+    policy_outcomes: Mapping[str, int]
+    """``PolicyStore.stats``: applied, duplicate, stale, bad_signature..."""
+    policy_rejected: Mapping[str, int]
+    """Undecodable policy messages by reason."""
+    bundle_version: int
+    bundle_outcomes: Mapping[str, int]
+    leaves: int
+    leaf_outcomes: Mapping[str, int]
+    seconds_to_expiry: float | None
+    agents_lagging: int
+    agents_expiring_soon: int
+    ca_operations: Mapping[str, int]
+    """On servers: signed, refused, rotations, state_replicated..."""
+    rpc_dropped: Mapping[str, int]
+
+
+ConnectSource = Callable[[], ConnectStats]
+
+
+class ConnectCollector(Collector):
+    """Policy, trust bundle, leaf certificates, CA operations and agent RPC drops."""
+
+    def __init__(self, source: ConnectSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._source()
+
+        def counter(name: str, doc: str, label: str, values: Mapping[str, int]) -> Metric:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([_reason_label(key)], value)
+            return family
+
+        yield GaugeMetricFamily(
+            "meshnode_policy_entries", "Live intentions and config entries.", stats.policy_entries
+        )
+        yield counter(
+            "meshnode_policy_updates",
+            "Policy entries received, by outcome (bad_signature: forged or foreign).",
+            "outcome",
+            stats.policy_outcomes,
+        )
+        yield counter(
+            "meshnode_policy_rejected",
+            "Policy messages dropped as undecodable, by reason.",
+            "reason",
+            stats.policy_rejected,
+        )
+        yield GaugeMetricFamily(
+            "meshnode_ca_bundle_version",
+            "Version of the trust bundle served.",
+            stats.bundle_version,
+        )
+        yield counter(
+            "meshnode_ca_bundle_updates",
+            "Gossiped trust bundles, by outcome (discontinuous: refused).",
+            "outcome",
+            stats.bundle_outcomes,
+        )
+        yield GaugeMetricFamily("meshnode_ca_leaves", "Leaf certificates held.", stats.leaves)
+        yield counter(
+            "meshnode_ca_leaf_requests",
+            "Leaf certificate requests of this agent, by outcome.",
+            "outcome",
+            stats.leaf_outcomes,
+        )
+        if stats.seconds_to_expiry is not None:
+            yield GaugeMetricFamily(
+                "meshnode_ca_leaf_expiry_seconds",
+                "Seconds until this agent's soonest leaf certificate expires.",
+                stats.seconds_to_expiry,
+            )
+        yield GaugeMetricFamily(
+            "meshnode_ca_agents_lagging",
+            "Live agents serving a different trust bundle than this one.",
+            stats.agents_lagging,
+        )
+        yield GaugeMetricFamily(
+            "meshnode_ca_agents_expiring_soon",
+            "Live agents whose soonest leaf has less than 30 % of its TTL left.",
+            stats.agents_expiring_soon,
+        )
+        yield counter(
+            "meshnode_ca_operations",
+            "CA operations on this server (signed, refused, rotations, replication).",
+            "operation",
+            stats.ca_operations,
+        )
+        yield counter(
+            "meshnode_rpc_dropped",
+            "Agent-to-agent requests or answers dropped, by reason.",
+            "reason",
+            stats.rpc_dropped,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def register_connect_metrics(
+    registry: CollectorRegistry, source: ConnectSource
+) -> ConnectCollector:
+    """Register the Connect collector on ``registry`` and return it."""
+    collector = ConnectCollector(source)
     registry.register(collector)
     return collector

@@ -284,6 +284,17 @@ class DataDir:
         data = (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
         self._atomic_write_bytes(name, data)
 
+    def atomic_write_bytes(self, name: str, data: bytes) -> None:
+        """Replace file ``name`` with ``data``, atomically and durably, mode 0600 (CA
+        state, keys, policy). Raises as :meth:`atomic_write_json`."""
+        _check_name(name)
+        self._atomic_write_bytes(name, data)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The bytes of file ``name`` (None if missing); the caller validates them."""
+        _check_name(name)
+        return self._read_bytes(name)
+
     def _atomic_write_bytes(self, name: str, data: bytes) -> None:
         target = self._path / name
         try:
