@@ -53,6 +53,7 @@ import socket
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal, NamedTuple, cast, get_type_hints
@@ -1004,7 +1005,27 @@ def _check(merged: _Merged, http_addr: HostPort, config_file: Path | None) -> No
         if key_file is not None:
             given, missing = missing, given
         raise merged.error(given, f"set {missing} too (or neither)")
+    if cert_file is not None and key_file is not None:
+        _check_operator_ca(merged, cert_file, key_file)
     _check_ports(merged, http_addr)
+
+
+def _check_operator_ca(merged: _Merged, cert_file: Path, key_file: Path) -> None:
+    """Refuse to start with an operator CA the leader could not sign with (expired,
+    not a CA, key not matching...), rather than failing at the first election."""
+    from ca.issuer import CertificateAuthority, InvalidOperatorCa
+
+    try:
+        CertificateAuthority.load_operator_ca(
+            cert_file.read_bytes(),
+            key_file.read_bytes(),
+            datetime.now(UTC),
+            trust_domain=merged.text("ca.trust_domain") or "check.meshnode",
+        )
+    except InvalidOperatorCa as exc:
+        raise merged.error("ca.cert_file", str(exc)) from None
+    except OSError as exc:
+        raise merged.error("ca.cert_file", f"cannot read: {exc.strerror or exc}") from None
 
 
 def load_config(

@@ -9,10 +9,12 @@ import json
 import pickle
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from ca.issuer import CertificateAuthority
 from gossip.config import DEFAULT, PRESETS, WAN, GossipConfig
 from meshnode.config import (
     DEFAULTS,
@@ -327,9 +329,27 @@ def test_flags_values(tmp_path: Path) -> None:
     assert (config.log_level, config.log_format) == ("warning", "json")
 
 
+def write_operator_ca(directory: Path) -> None:
+    """A real CA certificate and key as an operator would supply them."""
+    root = CertificateAuthority.create_root("operator.example", datetime.now(UTC)).active_root
+    (directory / "ca.pem").write_text(root.cert_pem)
+    (directory / "ca.key").write_text(root.signing_key_pem)
+
+
+def test_operator_ca_that_cannot_sign_is_refused_at_start(tmp_path: Path) -> None:
+    write_operator_ca(tmp_path)
+    other = CertificateAuthority.create_root("other.example", datetime.now(UTC)).active_root
+    (tmp_path / "ca.key").write_text(other.signing_key_pem)
+    error = file_error(tmp_path, '[ca]\ncert_file = "ca.pem"\nkey_file = "ca.key"\n')
+    assert error.key == "ca.cert_file"
+    assert "does not match" in error.message
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    error = file_error(tmp_path, '[ca]\ncert_file = "ca.pem"\nkey_file = "ca.key"\n')
+    assert (error.key, error.message) == ("ca.cert_file", "ca.cert_file holds no PEM certificate")
+
+
 def test_file_values(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("cert")
-    (tmp_path / "ca.key").write_text("key")
+    write_operator_ca(tmp_path)
     path = write(
         tmp_path / "agent.toml",
         f"""
