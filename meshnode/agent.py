@@ -683,6 +683,8 @@ class Agent:
             catalog = self.catalog
             catalog.sync_members(self.transport.core.members(), now)
             catalog.reap(now, self.config.reconnect_timeout)
+            if self._policy is not None:
+                self._policy.gc(now)  # tombstones past their TTL
             runner = self._runner
             if runner is not None:
                 for check_id in runner.deregister_due():

@@ -4,15 +4,19 @@ It starts real ``meshnode agent`` processes on 127.0.0.1 (free ports, data dirs 
 temp dir) and a tiny HTTP "web" service inside this process, then, watching everything
 through the agents' own HTTP API:
 
-1. starts the agents (agent2 and agent3 join agent1) and prints the members agent3 sees;
+1. starts the agents (agent2 and agent3 join agent1; the first three are servers that
+   elect a CA leader) and prints the members agent3 sees;
 2. registers ``web`` at agent1 with an HTTP health check; agent3's catalog lists it and
    ``/v1/health/service/web?passing`` returns it;
 3. makes ``web`` answer 500: agent3 sees it critical; then healthy again;
-4. ``kill -9`` agent1: agent3 marks it failed, and ``web`` critical through serfHealth;
-5. restarts agent1 with no join address: it rejoins from its saved members, serves its
+4. identity and policy: agent1 holds a SPIFFE certificate for ``web`` signed by the
+   leader's CA; an intention ``web → db: allow`` written at agent2 is in force at agent3
+   (the default policy is deny);
+5. ``kill -9`` agent1: agent3 marks it failed, and ``web`` critical through serfHealth;
+6. restarts agent1 with no join address: it rejoins from its saved members, serves its
    registration from disk, and ``web`` is passing again;
-6. SIGTERMs agent2: agent3 sees it *left*, not failed;
-7. prints the timings and stops everything (exit 0; 1 if a step did not happen).
+7. SIGTERMs agent2: agent3 sees it *left*, not failed;
+8. prints the timings and stops everything (exit 0; 1 if a step did not happen).
 
 With ``--forever`` it brings agent2 back, prints the addresses, and keeps the cluster up
 until Ctrl-C. Every child process is stopped and reaped, and the temp dir removed, on
@@ -55,6 +59,10 @@ T = TypeVar("T")
 DEFAULT_AGENTS: Final = 3
 MIN_AGENTS: Final = 3
 MAX_AGENTS: Final = 9
+INTENTION_PATH: Final = "/v1/connect/intentions/exact?source=web&destination=db"
+CHECK_PATH: Final = "/v1/connect/intentions/check?source=web&destination=db"
+#: Agents that are servers (CA-eligible): the first three.
+SERVERS: Final = 3
 #: Seconds to let the viewer read each step's outcome before the next one.
 PAUSE: Final = 4.5
 #: How often the demo polls the agents; it bounds the timing resolution.
@@ -306,7 +314,9 @@ class Demo:
     # ------------------------------------------------------------------ processes
 
     async def start(self, agent: AgentProcess, join: Sequence[str] = ()) -> None:
-        await start_agent(agent, join)
+        servers = self.agents[:SERVERS]
+        extra = ["--server", "--bootstrap-expect", str(SERVERS)] if agent in servers else []
+        await start_agent(agent, join, extra)
         assert agent.process is not None
         self.children.append(agent.process)
 
@@ -450,14 +460,18 @@ class Demo:
         )
 
         await self.pause()
-        # Step 5 restarts agent1 from what it saved, which it does every few seconds.
+
+        self.step(4, "identity and policy: a certificate for web, an intention web → db")
+        await self.connect_step()
+        await self.pause()
+        # Step 6 restarts agent1 from what it saved, which it does every few seconds.
         await self.wait_saved_members(first)
 
-        self.step(4, f"kill -9 {first.name} (pid {first.pid}): no goodbye")
+        self.step(5, f"kill -9 {first.name} (pid {first.pid}): no goodbye")
         await self.kill_first()
         await self.pause()
 
-        self.step(5, f"restart {first.name} with no --join address")
+        self.step(6, f"restart {first.name} with no --join address")
         self.say(
             f"it rejoins from {first.data_dir.name}/members.json: "
             + ", ".join(self.saved_members(first))
@@ -478,7 +492,7 @@ class Demo:
         await self.rejoin_first(restarted)
         await self.pause()
 
-        self.step(6, f"SIGTERM {leaver.name} (graceful leave)")
+        self.step(7, f"SIGTERM {leaver.name} (graceful leave)")
         left = time.monotonic()
         leaver.terminate()
         await self.until(
@@ -497,8 +511,61 @@ class Demo:
         await self.show_members(observer)
         await self.pause(PAUSE / 2)
 
-        self.step(7, "summary")
+        self.step(8, "summary")
         self.summary()
+
+    async def connect_step(self) -> None:
+        first, leaver, observer = self.first, self.leaver, self.observer
+        await self.until(
+            f"{observer.name} knows the CA leader",
+            lambda: self.get(observer, "/v1/status/leader"),
+            lambda found: isinstance(found, str) and bool(found),
+            within=20,
+        )
+        leader_address = await self.get(observer, "/v1/status/leader")
+        name = next((a.name for a in self.agents if a.gossip_addr == leader_address), "?")
+        self.say(f"leader: {name} ({leader_address})")
+        leaf: Any = None
+
+        async def fetch_leaf() -> Any:
+            nonlocal leaf
+            leaf = await self.get(first, f"/v1/agent/connect/ca/leaf/{SERVICE}")
+            return leaf
+
+        await self.until(
+            f"{first.name} holds a certificate for {SERVICE}",
+            fetch_leaf,
+            lambda found: isinstance(found, dict) and "CertPEM" in found,
+            within=20,
+            label=f"ask {first.name} → {SERVICE}'s certificate",
+        )
+        self.show(
+            table(
+                [
+                    ["Service", "SPIFFE ID", "Valid before"],
+                    [SERVICE, leaf.get("ServiceURI", "?"), leaf.get("ValidBefore", "?")],
+                ]
+            )
+        )
+        written = time.monotonic()
+        await self.put(
+            leaver,
+            INTENTION_PATH,
+            {"Action": "allow", "Description": "demo"},
+        )
+        self.say(f"default policy: deny; PUT {leaver.name} {INTENTION_PATH} allow")
+
+        async def check() -> Any:
+            return await self.get(observer, CHECK_PATH)
+
+        await self.until(
+            f"{observer.name}: web → db is allowed",
+            check,
+            lambda found: isinstance(found, dict) and found.get("Allowed") is True,
+            within=15,
+            since=written,
+            label=f"intention at {leaver.name} → in force at {observer.name}",
+        )
 
     async def kill_first(self) -> None:
         first, observer = self.first, self.observer

@@ -32,6 +32,8 @@ KEY_LINES = [
     "✓ agent3: /v1/health/service/web?passing returns it",
     "✓ agent3 sees web critical",
     "✓ agent3 sees web passing again",
+    "✓ agent1 holds a certificate for web",
+    "✓ agent3: web → db is allowed",
     "✓ agent3 marks agent1 failed",
     "serfHealth=critical service:web-1=passing",
     "✓ agent1 is up, serving web-1 from disk",
