@@ -88,6 +88,8 @@ REPLICATION_INTERVAL: Final = 10.0
 PRUNE_INTERVAL: Final = 60.0
 #: How long one state request may take before the next server is asked.
 STATE_REQUEST_TIMEOUT: Final = 3.0
+#: How long the leader waits for a CSR's service registration to reach its catalog.
+REGISTRATION_GRACE: Final = 2.0
 #: Namespace of every service identity (Consul OSS has only ``default``).
 NAMESPACE: Final = "default"
 
@@ -342,7 +344,7 @@ class CaServer:
             )
         except CAError as exc:
             raise RpcError("bad_spiffe_id", str(exc)) from None
-        registered = self._registered(node, service)
+        registered = await self._wait_registered(node, service)
         ttl = self.settings.leaf_ttl
 
         def sign() -> LeafCertificate:
@@ -367,6 +369,18 @@ class CaServer:
             "not_after": int(leaf.not_after.timestamp()),
             "root": leaf.root_id,
         }
+
+    async def _wait_registered(self, node: str, service: str) -> bool:
+        """Whether ``service`` is registered on ``node`` in our catalog, allowing the
+        registration a moment to arrive: an agent asks for a leaf as soon as a service
+        is registered there, usually before gossip has brought us the news."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REGISTRATION_GRACE
+        while not self._registered(node, service):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _handle_rotate(self, node: str, body: Any) -> Any:
         self._check_token(body)
