@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from meshnode.client import Client
     from meshnode.config import AgentConfig
 
 
@@ -83,7 +84,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(keyring)
     keyring.add_argument("op", choices=["list", "install", "use", "remove"])
     keyring.add_argument("key", nargs="?")
+    _add_intention_parser(commands)
+    _add_config_parser(commands)
+    _add_ca_parser(commands)
     return parser
+
+
+def _add_intention_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    intention = commands.add_parser("intention", help="create, check, list or delete intentions")
+    _add_client_options(intention)
+    actions = intention.add_subparsers(dest="intention_command", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="allow (or -deny) SRC to connect to DST")
+    verdict = create.add_mutually_exclusive_group()
+    for flag in ("allow", "deny"):
+        verdict.add_argument(
+            f"-{flag}",
+            f"--{flag}",
+            dest="verdict",
+            action="store_const",
+            const=flag,
+            help=f"{flag} the connection" + (" (the default)" if flag == "allow" else ""),
+        )
+    create.add_argument(
+        "-replace", "--replace", action="store_true", help="replace an existing SRC => DST"
+    )
+    create.add_argument(
+        "-file",
+        "--file",
+        metavar="FILE",
+        help="the intention as JSON or HCL (Action, or Permissions for L7); - reads stdin",
+    )
+    create.add_argument("source", nargs="?", metavar="SRC")
+    create.add_argument("destination", nargs="?", metavar="DST")
+    _add_client_options(create, formats=False, nested=True)
+    for name, text in (
+        ("get", "show the intention from SRC to DST"),
+        ("delete", "delete the intention from SRC to DST"),
+        ("check", "would SRC be allowed to connect to DST? (exit 0 allowed, 2 denied)"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("source", metavar="SRC")
+        action.add_argument("destination", metavar="DST")
+        _add_client_options(action, formats=name == "get", nested=True)
+    _add_client_options(actions.add_parser("list", help="every intention"), nested=True)
+
+
+def _add_config_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = commands.add_parser("config", help="write, read, list or delete config entries")
+    _add_client_options(config)
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    write = actions.add_parser("write", help="create or update a config entry from a file")
+    write.add_argument("file", metavar="FILE", help="JSON or HCL (.hcl); - reads stdin")
+    _add_client_options(write, formats=False, nested=True)
+    for name, text in (("read", "print a config entry as JSON"), ("delete", "delete one")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("-kind", "--kind", required=True, help="e.g. service-defaults")
+        action.add_argument("-name", "--name", required=True)
+        _add_client_options(action, formats=False, nested=True)
+    listing = actions.add_parser("list", help="the names of one kind's config entries")
+    listing.add_argument("-kind", "--kind", required=True, help="e.g. service-router")
+    _add_client_options(listing, nested=True)
+
+
+def _add_ca_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = commands.add_parser("ca", help="the mesh CA: roots, rotation and per-agent status")
+    _add_client_options(ca)
+    actions = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    _add_client_options(actions.add_parser("roots", help="the trusted CA roots"), nested=True)
+    rotate = actions.add_parser("rotate", help="rotate to a new root; prints its ID")
+    _add_client_options(rotate, formats=False, nested=True)
+    status = actions.add_parser(
+        "status", help="each agent's bundle and expiry (exit 2 if one lags or expires soon)"
+    )
+    _add_client_options(status, nested=True)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -150,10 +223,53 @@ def _run_client(args: argparse.Namespace) -> int:
                 print(f"meshnode keyring {args.op}: a KEY is required", file=sys.stderr)
                 return 2
             client.keyring(api, args.op, args.key, fmt)
+        elif args.command in ("intention", "config", "ca"):
+            return _run_connect_client(api, args, fmt)
     except client.ClientError as exc:
-        print(f"meshnode {args.command}: error: {exc}", file=sys.stderr)
+        action = getattr(args, f"{args.command}_command", None)
+        name = f"{args.command} {action}" if action else args.command
+        message = " ".join(str(exc).split())  # one line, whatever the server sent
+        print(f"meshnode {name}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_connect_client(api: Client, args: argparse.Namespace, fmt: str) -> int:
+    """``intention``, ``config`` and ``ca``: their functions return the exit code."""
+    from meshnode import client_connect as connect
+
+    if args.command == "intention":
+        action = args.intention_command
+        if action == "create":
+            return connect.intention_create(
+                api,
+                args.source,
+                args.destination,
+                action=args.verdict,
+                replace=args.replace,
+                file=args.file,
+            )
+        if action == "list":
+            return connect.intention_list(api, fmt)
+        if action == "get":
+            return connect.intention_get(api, args.source, args.destination, fmt)
+        if action == "delete":
+            return connect.intention_delete(api, args.source, args.destination)
+        return connect.intention_check(api, args.source, args.destination)
+    if args.command == "config":
+        action = args.config_command
+        if action == "write":
+            return connect.config_write(api, args.file)
+        if action == "read":
+            return connect.config_read(api, args.kind, args.name)
+        if action == "delete":
+            return connect.config_delete(api, args.kind, args.name)
+        return connect.config_list(api, args.kind, fmt)
+    if args.ca_command == "roots":
+        return connect.ca_roots(api, fmt)
+    if args.ca_command == "rotate":
+        return connect.ca_rotate(api)
+    return connect.ca_status(api, fmt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
