@@ -62,7 +62,9 @@ cannot let a minority elect itself:
    not vote again. The agent also calls ``server_left`` when an operator removes a
    dead server by hand (like ``consul operator raft remove-peer``).
 4. No election starts before ``bootstrap_expect`` servers (ourselves included) are
-   known, so a new cluster does not elect a leader among the first two of five.
+   known, so a new cluster does not elect a leader among the first two of five. A
+   server that hears a leader's heartbeat is bootstrapped too: the cluster it joined
+   already is (Consul's servers with ``bootstrap_expect = 0`` join this way).
 5. Requests carry the number of servers the candidate counts; a voter that knows more
    servers refuses, since the candidate's majority may be too small. A mitigation for
    views that are still converging, not a proof.
@@ -268,6 +270,7 @@ class Election:
 
         self._servers: dict[str, _Server] = {}  # every server but us
         self._bootstrapped = False
+        self._removed = False
         self._role = Role.FOLLOWER
         self._leader: str | None = None
         self._leader_heard_at: float | None = None  # last valid heartbeat (followers)
@@ -406,6 +409,7 @@ class Election:
                 self._lose_leadership("removed", now)
             self._role = Role.FOLLOWER
             self._bootstrapped = False
+            self._removed = True
             self._election_deadline = self._retransmit_at = None
             return
         if self._servers.pop(name, None) is None:
@@ -553,6 +557,8 @@ class Election:
         if self._role is not Role.FOLLOWER:
             self._become_follower(now)
         self._leader_heard_at = now
+        if not self._bootstrapped and not self._removed:
+            self._bootstrapped = True  # the cluster we joined has a leader: it is
         self._election_deadline = now + self._random_timeout()
         if self._leader != message.leader:
             self._leader = message.leader

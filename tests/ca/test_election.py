@@ -618,3 +618,41 @@ def test_encode_refuses_out_of_range_fields() -> None:
         codec.encode(Heartbeat(1, "x" * 129, 1))
     with pytest.raises(LocalProtocolError):
         codec.encode(VoteResponse(2**63, "a", True))
+
+
+def test_a_server_that_never_bootstraps_joins_through_the_leader_and_can_lead_later() -> None:
+    """``bootstrap_expect = 0`` (the agent passes a number no cluster reaches): the server
+    never starts the first election, but once it has heard a leader it is part of a
+    bootstrapped cluster and stands when that leader dies."""
+    net = Net("abc", expect=3)
+    leader, _ = _leader_of(net)
+    late = make("d", expect=99, seed=3, now=net.now)
+    net.nodes["d"] = late
+    net.by_address[address_of("d")] = "d"
+    for name, election in net.nodes.items():
+        for other in "abcd":
+            if other != name:
+                election.server_joined(other, address_of(other), net.now)
+    assert not late.bootstrapped
+    net.advance(net.now + 2 * T)
+    assert late.bootstrapped and late.leader() == leader
+    # Depose whoever leads (it comes back as a follower) until d has won an election:
+    # with three of four live, a majority exists, and d is a candidate like the rest.
+    for _ in range(20):
+        if net.leaders() == ["d"]:
+            break
+        deposed = net.leaders()
+        net.down.update(deposed)
+        net.advance(net.now + 3 * T)
+        net.down.difference_update(deposed)
+        net.advance(net.now + 3 * T)
+    assert net.leaders() == ["d"]
+
+
+def test_a_server_that_left_does_not_bootstrap_again_on_a_stale_heartbeat() -> None:
+    net = Net("abc", expect=3)
+    leader, _ = _leader_of(net)
+    follower = next(n for n in "abc" if n != leader)
+    net.nodes[follower].server_left(follower, net.now)
+    net.advance(net.now + 2 * T)
+    assert not net.nodes[follower].bootstrapped
