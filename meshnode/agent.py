@@ -309,6 +309,7 @@ class Agent:
                 spread=self._reissue_spread,
                 rng=random.Random(self._rng.random()),
             )
+            stack.callback(self._leaves.close)
             self._leaves.on_change(self._connect_changed)
             self._bundles.on_change(self._bundle_changed)
             register_connect_metrics(self.registry, self.connect_stats)

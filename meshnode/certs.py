@@ -60,6 +60,11 @@ BUNDLE_BROADCAST_MAX: Final = 1200
 #: Retry backoff for a leaf the leader did not give us.
 RETRY_INITIAL: Final = 1.0
 RETRY_MAX: Final = 60.0
+#: Leaves issued within this long are written to disk together.
+SAVE_DELAY: Final = 0.2
+#: Leaves requested at once (a node with many services, or a re-issue wave): enough
+#: to hide the round trip to the leader, few enough not to flood it.
+ISSUE_CONCURRENCY: Final = 8
 #: Namespace of service identities (Consul OSS has only ``default``).
 NAMESPACE: Final = "default"
 
@@ -232,6 +237,7 @@ class LeafManager:
         self._retry_at: dict[str, datetime] = {}
         self._inflight: dict[str, asyncio.Future[LocalLeaf]] = {}
         self._wake = asyncio.Event()
+        self._save_handle: asyncio.TimerHandle | None = None
         self.index = 1
         self._listeners: list[Callable[[int], None]] = []
         self.stats: dict[str, int] = {"issued": 0, "failed": 0, "renewed": 0, "reissued": 0}
@@ -275,7 +281,21 @@ class LeafManager:
             self._leaves.clear()
             self._due.clear()
 
+    def _save_soon(self) -> None:
+        """Batch the writes of a wave of issues (a crash before the write only costs
+        re-issuing those leaves)."""
+        if self._save_handle is None:
+            self._save_handle = asyncio.get_running_loop().call_later(SAVE_DELAY, self._save)
+
+    def close(self) -> None:
+        """Write what is pending (at shutdown)."""
+        if self._save_handle is not None:
+            self._save()
+
     def _save(self) -> None:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
         data = msgpack.packb([_leaf_to_wire(leaf) for leaf in self.leaves()], use_bin_type=True)
         try:
             self._data_dir.atomic_write_bytes(LEAVES_FILE, data)
@@ -359,7 +379,7 @@ class LeafManager:
         self._failures.pop(service, None)
         self._retry_at.pop(service, None)
         self._schedule_renewal(leaf)
-        self._save()
+        self._save_soon()
         self.stats["renewed" if previous else "issued"] += 1
         log.info(
             "leaf_issued",
@@ -402,6 +422,36 @@ class LeafManager:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
 
+    def _is_due(self, service: str, now: datetime) -> bool:
+        leaf = self._leaves.get(service)
+        due = self._due.get(service)
+        retry = self._retry_at.get(service)
+        if retry is not None and now < retry:
+            return False
+        return leaf is None or due is None or now >= due or not self._usable(leaf)
+
+    async def _obtain(self, service: str) -> None:
+        """Issue or renew one leaf; on failure, schedule a retry with backoff."""
+        previous = self._leaves.get(service)
+        try:
+            leaf = await self.issue(service)
+        except (NoLeaderError, RequestRefusedError) as exc:
+            failures = self._failures.get(service, 0) + 1
+            self._failures[service] = failures
+            backoff = min(RETRY_MAX, RETRY_INITIAL * 2 ** (failures - 1))
+            backoff *= 0.5 + self._rng.random()
+            self._retry_at[service] = self._now() + timedelta(seconds=backoff)
+            self.stats["failed"] += 1
+            log.info(
+                "leaf_request_failed",
+                service=service or "(agent)",
+                error=str(exc),
+                retry_in=round(backoff, 1),
+            )
+            return
+        if previous is not None and previous.root_id != leaf.root_id:
+            self.stats["reissued"] += 1
+
     async def _reconcile(self) -> float:
         wanted = self._wanted()
         gone = [service for service in self._leaves if service not in wanted]
@@ -414,32 +464,15 @@ class LeafManager:
         now = self._now()
         if self._bundles.bundle is None:
             return 5.0
-        for service in sorted(wanted):
-            leaf = self._leaves.get(service)
-            due = self._due.get(service)
-            retry = self._retry_at.get(service)
-            if retry is not None and now < retry:
-                continue
-            if leaf is not None and due is not None and now < due and self._usable(leaf):
-                continue
-            try:
-                await self.issue(service)
-                if leaf is not None and leaf.root_id != (self._leaves[service].root_id):
-                    self.stats["reissued"] += 1
-            except (NoLeaderError, RequestRefusedError) as exc:
-                failures = self._failures.get(service, 0) + 1
-                self._failures[service] = failures
-                backoff = min(RETRY_MAX, RETRY_INITIAL * 2 ** (failures - 1))
-                backoff *= 0.5 + self._rng.random()
-                self._retry_at[service] = now + timedelta(seconds=backoff)
-                self.stats["failed"] += 1
-                log.info(
-                    "leaf_request_failed",
-                    service=service or "(agent)",
-                    error=str(exc),
-                    retry_in=round(backoff, 1),
-                )
-            now = self._now()
+        due = [service for service in sorted(wanted) if self._is_due(service, now)]
+        if due:
+            limit = asyncio.Semaphore(ISSUE_CONCURRENCY)
+
+            async def obtain(service: str) -> None:
+                async with limit:
+                    await self._obtain(service)
+
+            await asyncio.gather(*(obtain(service) for service in due))
         moments = [
             moment
             for service in wanted

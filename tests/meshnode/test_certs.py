@@ -209,6 +209,7 @@ async def test_renewal_rotation_and_restart(tmp_path: Path) -> None:
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
             await run
+        leaves.close()
     restarted = manager(tmp_path, leader, clock, {"web"}, bundles)
     assert restarted.leaf("web") is not None
     assert restarted.leaf("web").serial_number == rotated.serial_number  # type: ignore[union-attr]
