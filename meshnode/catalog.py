@@ -613,7 +613,7 @@ class Catalog:
         multiplier over the number of known nodes); ``version`` is where the local
         record starts (a restarted agent passes its persisted version)."""
         self.local_name = local.name
-        self.queue = queue or BroadcastQueue(4, lambda: len(self._records))
+        self.queue = queue if queue is not None else BroadcastQueue(4, lambda: len(self._records))
         self._records: dict[str, NodeRecord] = {}
         # Service name -> nodes with an instance of it, so a health or catalog read of
         # one service does not scan every record (the API's hottest path).

@@ -2628,7 +2628,7 @@ class PolicyStore:
     ) -> None:
         self._verify = verify
         self.tombstone_ttl = tombstone_ttl
-        self.queue = queue or BroadcastQueue(4, lambda: 1)
+        self.queue = queue if queue is not None else BroadcastQueue(4, lambda: 1)
         """Broadcasts for gossip (memberlist's LAN retransmit multiplier by default;
         the agent passes one that knows the member count)."""
         self.clock = HybridClock()
