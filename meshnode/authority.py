@@ -90,6 +90,9 @@ PRUNE_INTERVAL: Final = 60.0
 STATE_REQUEST_TIMEOUT: Final = 3.0
 #: How long the leader waits for a CSR's service registration to reach its catalog.
 REGISTRATION_GRACE: Final = 2.0
+#: At most this many CSRs wait for their registration at once; more are refused at
+#: once, so requests for services that will never be registered cannot pile up.
+MAX_REGISTRATION_WAITERS: Final = 32
 #: Namespace of every service identity (Consul OSS has only ``default``).
 NAMESPACE: Final = "default"
 
@@ -154,6 +157,7 @@ class CaServer:
         self._seal_key = self._load_seal_key()
         self._ensure_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._registration_waiters = 0
         self.stats: dict[str, int] = {
             "signed": 0,
             "refused": 0,
@@ -374,12 +378,20 @@ class CaServer:
         """Whether ``service`` is registered on ``node`` in our catalog, allowing the
         registration a moment to arrive: an agent asks for a leaf as soon as a service
         is registered there, usually before gossip has brought us the news."""
+        if self._registered(node, service):
+            return True
+        if not service or self._registration_waiters >= MAX_REGISTRATION_WAITERS:
+            return False  # an agent ID needs no wait; many waiters smell of abuse
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REGISTRATION_GRACE
-        while not self._registered(node, service):
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
+        self._registration_waiters += 1
+        try:
+            while not self._registered(node, service):
+                if loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(0.05)
+        finally:
+            self._registration_waiters -= 1
         return True
 
     async def _handle_rotate(self, node: str, body: Any) -> Any:
