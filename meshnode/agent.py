@@ -70,7 +70,14 @@ from gossip.keyring import Envelope, Keyring, decode_key
 from gossip.transport import GossipTransport, parse_host_port
 from meshnode import api, systemd
 from meshnode.authority import CaServer, CaSettings
-from meshnode.catalog import Catalog, CatalogDecodeError, CatalogDelegate, NodeRecord
+from meshnode.catalog import (
+    Catalog,
+    CatalogDecodeError,
+    CatalogDelegate,
+    NodeRecord,
+    decode_update,
+    encode_record,
+)
 from meshnode.certs import BUNDLE_TAG, BundleStore, LeafManager
 from meshnode.checks import CheckError, CheckRunner, CheckSpec
 from meshnode.config import AgentConfig
@@ -136,6 +143,14 @@ POLICY_FILE: Final = "policy.bin"
 POLICY_SAVE_DELAY: Final = 0.2
 #: How long a write or CSR waits for a leader (elections take 1-2 s).
 LEADER_WAIT: Final = 10.0
+#: Largest catalog record sent along with a CSR (else the leader waits for gossip).
+MAX_RECORD_IN_CSR: Final = 32 * 1024
+#: Answers from the leader that mean "ask again (maybe another server)".
+RETRY_CODES: Final = frozenset(
+    {"not_leader", "no_ca", "timeout", "busy", "closed", "leader_changed"}
+)
+#: How often a pending request checks whether another leader has been elected.
+LEADER_CHECK_INTERVAL: Final = 0.05
 #: The leader's signing capacity assumed when spreading re-issues after a rotation:
 #: half of what ``bench/ca_sign.py`` measures on a 2-core machine (~1,000/s).
 ASSUMED_SIGNING_RATE: Final = 500.0
@@ -575,12 +590,23 @@ class Agent:
             servers=servers,
             is_server=self._is_server,
             registered=self._service_registered_on,
+            learn_record=self._learn_record,
             known_bundle=lambda: bundles.bundle,
             publish_bundle=publish,
             monotonic=loop.time,
         )
         stack.callback(server.close)
         self._ca_server = server
+
+    def _learn_record(self, node: str, data: bytes) -> None:
+        """A CSR's sender's own catalog record: merge it if it is that node's (a node
+        is the only writer of its record, and could gossip the same thing)."""
+        try:
+            update = decode_update(data)
+        except CatalogDecodeError:
+            return
+        if update.base == 0 and update.record.node == node:
+            self.catalog.merge(update.record)
 
     def _is_server(self, node: str) -> bool:
         member = self.transport.core.member(node)
@@ -1048,8 +1074,6 @@ class Agent:
         """Call ``method`` on the CA leader, waiting up to :data:`LEADER_WAIT` for one
         (elections take a second or two). Raises :class:`NoLeaderError`, or
         ``RpcError`` for the leader's own refusals."""
-        rpc = self._rpc
-        assert rpc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LEADER_WAIT
         delay = 0.1
@@ -1059,15 +1083,39 @@ class Agent:
             remaining = deadline - loop.time()
             if leader is not None and remaining > 0:
                 try:
-                    return await rpc.call(leader, method, body, within=min(5.0, remaining))
+                    return await self._call_while_leading(leader, method, body, remaining)
                 except RpcError as exc:
-                    if exc.code not in ("not_leader", "no_ca", "timeout", "busy", "closed"):
+                    if exc.code not in RETRY_CODES:
                         raise
                     reason = f"No cluster leader ({exc.message})"
+                    if exc.code == "leader_changed":
+                        continue  # ask the new one at once
             if loop.time() + delay >= deadline:
                 raise NoLeaderError(reason)
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
+
+    async def _call_while_leading(
+        self, leader: Address, method: str, body: dict[str, Any], within: float
+    ) -> Any:
+        """``rpc.call`` to ``leader``, given up as soon as another leader is known: a
+        request sent to a leader that just died gets no answer, and waiting out the
+        timeout would add seconds to every failover."""
+        rpc = self._rpc
+        assert rpc is not None
+        call = asyncio.ensure_future(rpc.call(leader, method, body, within=min(5.0, within)))
+        try:
+            while True:
+                done, _ = await asyncio.wait({call}, timeout=LEADER_CHECK_INTERVAL)
+                if done:
+                    return call.result()
+                if self._leader_address() not in (leader, None):
+                    raise RpcError("leader_changed", "the leader changed")
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RpcError):
+                    await call
 
     def _leader_address(self) -> Address | None:
         if self._election is not None:
@@ -1076,8 +1124,14 @@ class Agent:
         return member.address if member is not None else None
 
     async def _request_leaf(self, service: str, csr: str) -> dict[str, Any]:
+        request: dict[str, Any] = {"service": service, "csr": csr}
+        record = encode_record(self.catalog.local)
+        if len(record) <= MAX_RECORD_IN_CSR:
+            # Our own catalog record rides along: the leader checks registrations in
+            # its catalog, which gossip may not have brought up to date yet.
+            request["record"] = record
         try:
-            answer = await self._call_leader("ca.sign", {"service": service, "csr": csr})
+            answer = await self._call_leader("ca.sign", request)
         except RpcError as exc:
             raise RequestRefusedError(exc.code, exc.message) from None
         if not isinstance(answer, dict):

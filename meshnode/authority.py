@@ -132,6 +132,7 @@ class CaServer:
         servers: Callable[[], Iterable[tuple[str, Address]]],
         is_server: Callable[[str], bool],
         registered: Callable[[str, str], bool],
+        learn_record: Callable[[str, bytes], None] | None = None,
         known_bundle: Callable[[], TrustBundle | None],
         publish_bundle: Callable[[TrustBundle], None],
         now: Callable[[], datetime] | None = None,
@@ -147,6 +148,7 @@ class CaServer:
         self._servers = servers
         self._is_server = is_server
         self._registered = registered
+        self._learn_record = learn_record
         self._known_bundle = known_bundle
         self._publish_bundle = publish_bundle
         self._now = now or (lambda: datetime.now(UTC))
@@ -339,6 +341,9 @@ class CaServer:
         service, csr = body.get("service"), body.get("csr")
         if not isinstance(service, str) or not isinstance(csr, str):
             raise RpcError("malformed", "ca.sign needs service and csr")
+        record = body.get("record")
+        if isinstance(record, bytes) and self._learn_record is not None:
+            self._learn_record(node, record)
         td, dc = authority.trust_domain, self.settings.datacenter
         try:
             expected = (

@@ -470,7 +470,9 @@ class LeafManager:
 
             async def obtain(service: str) -> None:
                 async with limit:
-                    await self._obtain(service)
+                    # Re-check: a request for the API may have obtained it meanwhile.
+                    if self._is_due(service, self._now()):
+                        await self._obtain(service)
 
             await asyncio.gather(*(obtain(service) for service in due))
         moments = [
