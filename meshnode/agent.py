@@ -152,8 +152,10 @@ RETRY_CODES: Final = frozenset(
 #: How often a pending request checks whether another leader has been elected.
 LEADER_CHECK_INTERVAL: Final = 0.05
 #: The leader's signing capacity assumed when spreading re-issues after a rotation:
-#: half of what ``bench/ca_sign.py`` measures on a 2-core machine (~1,000/s).
-ASSUMED_SIGNING_RATE: Final = 500.0
+#: under half of what ``bench/ca_issue.py`` measures end to end on a shared 2-core
+#: machine (~480 certificates/s while signing; a bare signature is ~2,000/s, the rest
+#: is the round trip), since the leader also serves renewals and registrations.
+ASSUMED_SIGNING_RATE: Final = 200.0
 #: A leaf with less than this share of the configured TTL left is "expiring soon":
 #: renewals happen at 40-60 % of a leaf's life, so a healthy agent never gets there.
 EXPIRING_SOON_SHARE: Final = 0.3
@@ -221,6 +223,7 @@ class Agent:
         self._connect_listeners: list[Callable[[int], None]] = []
         self._policy_save: asyncio.TimerHandle | None = None
         self._published_meta = b""
+        self._record_sent_version: int | None = None
         # A client's answer to "who leads" (from the servers' metadata), cached because
         # every HTTP response asks (X-Consul-KnownLeader); reset by member events.
         self._client_leader: str | None = None
@@ -1125,15 +1128,21 @@ class Agent:
 
     async def _request_leaf(self, service: str, csr: str) -> dict[str, Any]:
         request: dict[str, Any] = {"service": service, "csr": csr}
-        record = encode_record(self.catalog.local)
-        if len(record) <= MAX_RECORD_IN_CSR:
-            # Our own catalog record rides along: the leader checks registrations in
-            # its catalog, which gossip may not have brought up to date yet.
-            request["record"] = record
+        local = self.catalog.local
+        if local.version != self._record_sent_version:
+            # Our own catalog record rides along (once per version): the leader checks
+            # registrations in its catalog, which gossip may not have updated yet.
+            record = encode_record(local)
+            if len(record) <= MAX_RECORD_IN_CSR:
+                request["record"] = record
         try:
             answer = await self._call_leader("ca.sign", request)
         except RpcError as exc:
+            if exc.code == "not_registered":
+                self._record_sent_version = None  # send it again with the retry
             raise RequestRefusedError(exc.code, exc.message) from None
+        if "record" in request:
+            self._record_sent_version = local.version
         if not isinstance(answer, dict):
             raise RequestRefusedError("bad_answer", "the leader's answer is not a map")
         return answer
