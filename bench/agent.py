@@ -39,17 +39,19 @@ import json
 import math
 import os
 import random
-import signal
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common
+
+from bench.common import poll_until, run_benchmark
 
 #: Polling period of the catalogs in the polling measurement (the brief's ~20 ms);
 #: it bounds that measurement's resolution.
@@ -285,15 +287,6 @@ async def put_json(session: aiohttp.ClientSession, url: str, body: object = None
             raise RuntimeError(f"PUT {url}: {reply.status} {await reply.text()}")
 
 
-async def poll_until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what}: not within {within:.0f} s")
-        await asyncio.sleep(0.25)
-    return time.monotonic() - started
-
-
 # ---------------------------------------------------------------------- phases
 
 
@@ -361,7 +354,9 @@ async def start_cluster(
             for view in views
         )
 
-    converge = await poll_until(converged, CONVERGE_WITHIN, f"{count} members everywhere")
+    converge = await poll_until(
+        converged, CONVERGE_WITHIN, f"{count} members everywhere", every=POLL
+    )
     print(f"  every agent sees {count} members alive {converge:.1f} s later", flush=True)
     return agents, {"start_s": round(all_up, 1), "converge_s": round(converge, 2)}
 
@@ -534,7 +529,9 @@ async def throughput_phase(
         entries = await get_json(session, target.url + "/v1/health/service/web", passing="1")
         return len(entries) == len(instances)
 
-    await poll_until(all_passing, PROPAGATE_WITHIN, "web passing everywhere at the target")
+    await poll_until(
+        all_passing, PROPAGATE_WITHIN, "web passing everywhere at the target", every=POLL
+    )
     paths = {
         "health_service": "/v1/health/service/web",
         "catalog_services": "/v1/catalog/services",
@@ -709,24 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= options.clients <= 256:
         parser.error("--clients must be between 1 and 256")
 
-    async def main_task() -> dict[str, Any]:
-        # SIGTERM cancels the run like Ctrl-C does, so that cleanup runs either way.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        with tempfile.TemporaryDirectory(prefix="bench-agent-") as workdir:
-            return await run(options, Path(workdir))
-
-    try:
-        results = asyncio.run(main_task())
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"bench/agent.py: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
-    print_table(results)
-    print(json.dumps(results, separators=(",", ":")))
-    return 0
+    return run_benchmark("agent", lambda workdir: run(options, workdir), print_table)
 
 
 if __name__ == "__main__":

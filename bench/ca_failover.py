@@ -45,12 +45,10 @@ import asyncio
 import json
 import math
 import random
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +57,7 @@ from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.ca (the baseline)
 
+from bench.common import poll_until, run_benchmark
 from ca.election import ElectionConfig
 from meshnode.procs import AgentProcess, fetch_json, kill_agents, start_agent, wait_agent_ready
 from tests.ca.test_election_sim import failover_samples
@@ -95,16 +94,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "p99_s": round(percentile(values, 0.99), 3),
         "max_s": round(max(values, default=math.nan), 3),
     }
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    """Seconds until ``check()`` holds, polled every POLL; TimeoutError after ``within``."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what}: not within {within:.0f} s")
-        await asyncio.sleep(POLL)
-    return time.monotonic() - started
 
 
 class Cluster:
@@ -201,7 +190,7 @@ async def form(cluster: Cluster) -> tuple[str, str]:
         root[:] = [active]
         return True
 
-    took = await wait_until(formed, FORM_WITHIN, "leader, bundle and CA replicas")
+    took = await poll_until(formed, FORM_WITHIN, "leader, bundle and CA replicas", every=POLL)
     print(f"  {len(cluster.servers)} servers formed in {took:.1f} s after start", flush=True)
     return root[0]
 
@@ -329,7 +318,9 @@ async def one_round(
         views = await asyncio.gather(*(cluster.alive_members(s) for s in cluster.servers))
         return all(view == names for view in views)
 
-    catch_up_s = await wait_until(caught_up, CATCH_UP_WITHIN, f"{victim.name} caught up")
+    catch_up_s = await poll_until(
+        caught_up, CATCH_UP_WITHIN, f"{victim.name} caught up", every=POLL
+    )
     restart_s = time.monotonic() - restart_t0
     new_name = cluster.by_address(new_address).name
     print(
@@ -500,24 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= options.kills <= 200:
         parser.error("--kills must be between 1 and 200")
 
-    async def main_task() -> dict[str, Any]:
-        # SIGTERM cancels the run like Ctrl-C does, so that cleanup runs either way.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        with tempfile.TemporaryDirectory(prefix="bench-ca-failover-") as workdir:
-            return await run(options, Path(workdir))
-
-    try:
-        results = asyncio.run(main_task())
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"bench/ca_failover.py: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
-    print_table(results)
-    print(json.dumps(results, separators=(",", ":")))
-    return 0
+    return run_benchmark("ca_failover", lambda workdir: run(options, workdir), print_table)
 
 
 if __name__ == "__main__":

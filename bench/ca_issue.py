@@ -42,11 +42,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +53,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.ca_sign
 
 from bench.ca_sign import measure_signing
+from bench.common import poll_until, run_benchmark
 from meshnode.procs import AgentProcess, fetch_json, kill_agents, start_agent, wait_agent_ready
 
 #: Poll period of the agents' metrics; it bounds the timing resolution.
@@ -71,16 +70,6 @@ LEAVES: Final = "meshnode_ca_leaves"
 FAILED: Final = 'meshnode_ca_leaf_requests_total{outcome="failed"}'
 RENEWED: Final = 'meshnode_ca_leaf_requests_total{outcome="renewed"}'
 CATALOG_SERVICES: Final = "meshnode_catalog_services"
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    """Seconds until ``check()`` holds, polled every POLL; TimeoutError after ``within``."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what}: not within {within:.0f} s")
-        await asyncio.sleep(POLL)
-    return time.monotonic() - started
 
 
 async def metrics(session: aiohttp.ClientSession, agent: AgentProcess) -> dict[str, float]:
@@ -207,7 +196,7 @@ async def form(
         views = await asyncio.gather(*(metrics(session, a) for a in everyone))
         return all(view.get(LEAVES, 0.0) >= 1 for view in views)  # each agent's own leaf
 
-    await wait_until(formed, FORM_WITHIN, "leader and every agent's own leaf")
+    await poll_until(formed, FORM_WITHIN, "leader and every agent's own leaf", every=POLL)
     took = time.monotonic() - started
     print(f"  1 server + {len(clients)} clients formed in {took:.1f} s", flush=True)
     return took
@@ -239,7 +228,7 @@ async def proactive_phase(
             views = await asyncio.gather(*(metrics(session, c) for c in clients))
             return sum(v.get(LEAVES, 0.0) for v in views) >= target
 
-        await wait_until(all_issued, ISSUE_WITHIN, f"{count} leaves issued proactively")
+        await poll_until(all_issued, ISSUE_WITHIN, f"{count} leaves issued proactively", every=POLL)
         issued = time.monotonic() - t0
     finally:
         sampling.cancel()
@@ -459,24 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= options.concurrency <= 256:
         parser.error("--concurrency must be between 1 and 256")
 
-    async def main_task() -> dict[str, Any]:
-        # SIGTERM cancels the run like Ctrl-C does, so that cleanup runs either way.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        with tempfile.TemporaryDirectory(prefix="bench-ca-issue-") as workdir:
-            return await run(options, Path(workdir))
-
-    try:
-        results = asyncio.run(main_task())
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"bench/ca_issue.py: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
-    print_table(results)
-    print(json.dumps(results, separators=(",", ":")))
-    return 0
+    return run_benchmark("ca_issue", lambda workdir: run(options, workdir), print_table)
 
 
 if __name__ == "__main__":

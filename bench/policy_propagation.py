@@ -39,12 +39,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -52,6 +49,9 @@ from typing import Any, Final
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common
+
+from bench.common import poll_until, run_benchmark
 from meshnode.procs import AgentProcess, fetch_json, kill_agents, start_agent, wait_agent_ready
 
 #: Servers of the cluster (the rest are clients).
@@ -90,16 +90,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "max_s": round(max(values, default=math.nan), 4),
         "samples": len(values),
     }
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    """Seconds until ``check()`` holds, polled every POLL; TimeoutError after ``within``."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > within:
-            raise TimeoutError(f"{what}: not within {within:.0f} s")
-        await asyncio.sleep(POLL)
-    return time.monotonic() - started
 
 
 # --------------------------------------------------------------------------- cluster
@@ -142,7 +132,9 @@ async def start_cluster(
         one_leader = len(set(leaders)) == 1 and leaders[0] not in ("", None)
         return all_alive and one_leader and all(isinstance(r, dict) for r in roots)
 
-    await wait_until(formed, CONVERGE_WITHIN, "members, leader and trust bundle everywhere")
+    await poll_until(
+        formed, CONVERGE_WITHIN, "members, leader and trust bundle everywhere", every=POLL
+    )
     took = time.monotonic() - started
     print(f"  members, one leader and the trust bundle everywhere after {took:.1f} s", flush=True)
     return took
@@ -416,24 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= options.writes <= 500:
         parser.error("--writes must be between 1 and 500")
 
-    async def main_task() -> dict[str, Any]:
-        # SIGTERM cancels the run like Ctrl-C does, so that cleanup runs either way.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        with tempfile.TemporaryDirectory(prefix="bench-policy-") as workdir:
-            return await run(options, Path(workdir))
-
-    try:
-        results = asyncio.run(main_task())
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"bench/policy_propagation.py: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
-    print_table(results)
-    print(json.dumps(results, separators=(",", ":")))
-    return 0
+    return run_benchmark("policy_propagation", lambda workdir: run(options, workdir), print_table)
 
 
 if __name__ == "__main__":
