@@ -40,16 +40,12 @@ This module does no I/O of its own and is safe to use from any event loop.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import ssl
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
-
-from cryptography import x509
 
 #: Parsed peer certificates kept (DER → SPIFFE ID). Parsing one costs tens of µs;
 #: a mesh has few distinct leaves alive at once (one per service instance and
@@ -217,30 +213,70 @@ def client_context(trust_bundle: Iterable[str], chain_pem: str, key_pem: str) ->
 # ---------------------------------------------------------------------------- identities
 
 
-@functools.lru_cache(maxsize=PEER_ID_CACHE_SIZE)
-def spiffe_id_of_certificate(der: bytes) -> str | None:
-    """The single ``spiffe://`` URI SAN of a DER certificate, or ``None`` when it has
-    none, several URI SANs (X509-SVID §2 forbids it) or does not parse. Cached by the
-    DER bytes (their hash, then equality): a peer's leaf is parsed once."""
-    try:
-        certificate = x509.load_der_x509_certificate(der)
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+def _single_spiffe_uri(uris: list[str]) -> str | None:
+    # X509-SVID §2: exactly one URI SAN, and it is the SPIFFE ID.
     if len(uris) != 1 or not uris[0].startswith(SPIFFE_SCHEME):
         return None
     return uris[0]
 
 
+def spiffe_id_of_certificate(der: bytes) -> str | None:
+    """The single ``spiffe://`` URI SAN of a DER certificate, or ``None`` when it has
+    none, several URI SANs (X509-SVID §2 forbids it) or does not parse. Parsed with
+    ``cryptography``, imported on first use (tools and tests; a proxy reads its
+    peers' IDs with :func:`peer_spiffe_id`, which needs no second parser)."""
+    from cryptography import x509  # ~10 MB of resident memory a worker does without
+
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    return _single_spiffe_uri(names.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+#: Peer leaf DER → its SPIFFE ID, least recently used dropped beyond
+#: :data:`PEER_ID_CACHE_SIZE`. Keyed by the bytes (their hash, then equality).
+_peer_ids: OrderedDict[bytes, str | None] = OrderedDict()
+
+
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """The SPIFFE ID of the verified peer of a completed handshake, or ``None``."""
+    """The SPIFFE ID of the verified peer of a completed handshake, or ``None``.
+
+    OpenSSL already parsed the certificate to verify it: its decoded form
+    (``getpeercert()``, available because verification is required) gives the URI
+    SANs, so the proxy loads no second X.509 parser (``cryptography`` costs a worker
+    ~10 MB of its 60 MB budget). Decoding costs tens of µs, so the answer is cached
+    by the DER bytes: ~1 µs for a peer seen before."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    return spiffe_id_of_certificate(der)
+    try:
+        spiffe_id = _peer_ids[der]
+    except KeyError:
+        pass
+    else:
+        _peer_ids.move_to_end(der)
+        return spiffe_id
+    decoded = ssl_object.getpeercert()
+    names = decoded.get("subjectAltName", ()) if decoded else ()
+    uris = [
+        name[1]
+        for name in names
+        if isinstance(name, tuple) and name[0] == "URI" and isinstance(name[1], str)
+    ]
+    spiffe_id = _single_spiffe_uri(uris)
+    _peer_ids[der] = spiffe_id
+    if len(_peer_ids) > PEER_ID_CACHE_SIZE:
+        _peer_ids.popitem(last=False)
+    return spiffe_id
+
+
+def forget_peer_ids() -> None:
+    """Empty the peer-ID cache (tests, or after a trust bundle change)."""
+    _peer_ids.clear()
 
 
 # ---------------------------------------------------------------------------- servers
@@ -336,9 +372,3 @@ class ClientContexts:
 
     def __len__(self) -> int:
         return len(self._contexts)
-
-
-def forget_peer_ids() -> None:
-    """Empty the peer-ID cache (tests, or after a trust bundle change)."""
-    with contextlib.suppress(AttributeError):
-        spiffe_id_of_certificate.cache_clear()

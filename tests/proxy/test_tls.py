@@ -8,7 +8,7 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from cryptography import x509
@@ -81,14 +81,47 @@ def _der(pem: str) -> bytes:
     return x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
 
 
-def test_spiffe_id_of_certificate_reads_the_uri_san_once(pki: Pki) -> None:
+def test_spiffe_id_of_certificate_reads_the_uri_san(pki: Pki) -> None:
     leaf = pki.leaf("api")
-    der = _der(leaf.chain_pem)
+    assert tls.spiffe_id_of_certificate(_der(leaf.chain_pem)) == leaf.spiffe_id
+
+
+class _FakePeer:
+    """What ``peer_spiffe_id`` reads of an ``SSLObject``, counting decodes."""
+
+    def __init__(self, der: bytes, names: tuple[tuple[str, str], ...]) -> None:
+        self.der = der
+        self.names = names
+        self.decoded = 0
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        if binary_form:
+            return self.der
+        self.decoded += 1
+        return {"subjectAltName": self.names}
+
+
+def test_peer_spiffe_id_decodes_a_leaf_once() -> None:
     tls.forget_peer_ids()
-    assert tls.spiffe_id_of_certificate(der) == leaf.spiffe_id
-    assert tls.spiffe_id_of_certificate(bytes(der)) == leaf.spiffe_id
-    info = tls.spiffe_id_of_certificate.cache_info()
-    assert (info.hits, info.misses) == (1, 1)
+    peer = _FakePeer(b"leaf-1", (("DNS", "x"), ("URI", "spiffe://td/ns/default/dc/dc1/svc/api")))
+    for _ in range(3):
+        assert tls.peer_spiffe_id(peer) == "spiffe://td/ns/default/dc/dc1/svc/api"
+    assert peer.decoded == 1
+    two = _FakePeer(b"leaf-2", (("URI", "spiffe://td/a"), ("URI", "spiffe://td/b")))
+    assert tls.peer_spiffe_id(two) is None
+    assert tls.peer_spiffe_id(_FakePeer(b"leaf-3", ())) is None
+    assert tls.peer_spiffe_id(_FakePeer(b"", ())) is None
+
+
+def test_the_peer_id_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    tls.forget_peer_ids()
+    monkeypatch.setattr(tls, "PEER_ID_CACHE_SIZE", 2)
+    peers = [_FakePeer(bytes([i]), (("URI", f"spiffe://td/{i}"),)) for i in range(3)]
+    for peer in peers:
+        tls.peer_spiffe_id(peer)
+    tls.peer_spiffe_id(peers[0])
+    assert peers[0].decoded == 2  # evicted by the third
+    tls.forget_peer_ids()
 
 
 def _self_signed(uris: list[str]) -> bytes:
