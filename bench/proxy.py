@@ -28,10 +28,12 @@ What runs, all on loopback and on this machine's two shared cores:
     certificate, checked at start by a client without one being refused) → HAProxy B
     (HTTP mode, ``nbthread 1``) → backend;
   - ``haproxy-l4``: the same pair in TCP mode;
-  - the meshnode pair (L7 and L4) is **not registered yet**: ``proxy/`` has no data path
-    (issue 5). Adding it is one :func:`register` call with a start function (see
-    :data:`CONFIGURATIONS`); every figure, ratio and target check below then applies
-    to it unchanged.
+  - ``meshnode-l4``: wrk → meshnode worker A (``python -m proxy``, an outbound
+    listener) → mutual TLS 1.3 → worker B (the inbound port, SNI, intention check) →
+    backend (:func:`start_meshnode_l4`);
+  - the meshnode L7 pair is **not registered yet** (issue 5). Adding it is one
+    :func:`register` call with a start function (see :data:`CONFIGURATIONS`); every
+    figure, ratio and target check below then applies to it unchanged.
 
 Per configuration and round:
 
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -472,6 +475,74 @@ register(
         "reference",
         "HAProxy pair, TCP mode, mTLS 1.3 between",
         start_haproxy_l4,
+    )
+)
+
+
+#: How a meshnode proxy worker is started: ``python -m proxy`` with the repository
+#: first on its path, whatever the working directory (run from ``bench/``, ``-m proxy``
+#: would find this file).
+MESHNODE_WORKER: Final = (
+    sys.executable,
+    "-c",
+    f"import runpy, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r});"
+    " runpy.run_module('proxy', run_name='__main__', alter_sys=True)",
+)
+
+
+async def start_meshnode_l4(env: Environment) -> Listening:
+    """Worker A: an outbound listener on loopback (source ``client``, upstream
+    ``backend``) → mTLS → worker B: the inbound port, SNI ``backend``, an allow list
+    with the one intention client → backend (so the check runs) → the backend."""
+    certs = env.certificates
+    port_a, port_b = free_port(), free_port()
+    bundle = [certs.ca.read_text()]
+    config_b = {
+        "trust_bundle": bundle,
+        "inbound": {
+            "host": "127.0.0.1",
+            "port": port_b,
+            "services": {
+                "backend": {
+                    "target": list(env.backend),
+                    "cert_chain": certs.backend.cert.read_text(),
+                    "private_key": certs.backend.key.read_text(),
+                }
+            },
+            "allow": [[certs.client.spiffe_id, "backend"]],
+        },
+    }
+    config_a = {
+        "trust_bundle": bundle,
+        "outbound": [
+            {
+                "host": "127.0.0.1",
+                "port": port_a,
+                "upstream": "backend",
+                "expected_identity": certs.backend.spiffe_id,
+                "cert_chain": certs.client.cert.read_text(),
+                "private_key": certs.client.key.read_text(),
+                "endpoints": [["127.0.0.1", port_b]],
+            }
+        ],
+    }
+    pids = []
+    for name, config, port in (("b", config_b, port_b), ("a", config_a, port_a)):
+        path = env.workdir / f"meshnode-l4-{name}.json"
+        path.write_text(json.dumps(config))
+        path.chmod(0o600)  # private keys
+        argv = [*MESHNODE_WORKER, "--config", str(path)]
+        pids.append(await env.processes.spawn(f"meshnode-{name}", argv, ("127.0.0.1", port)))
+    return Listening(("127.0.0.1", port_a), (pids[1], pids[0]), inbound=("127.0.0.1", port_b))
+
+
+register(
+    Configuration(
+        "meshnode-l4",
+        "l4",
+        "candidate",
+        "meshnode pair, TCP (python -m proxy workers, uvloop), mTLS 1.3 between",
+        start_meshnode_l4,
     )
 )
 

@@ -117,6 +117,8 @@ class Counters:
     no_endpoint: int = 0
     """Connections closed because no endpoint could be reached."""
     idle_timeouts: int = 0
+    backpressure_pauses: int = 0
+    """Times a side stopped reading because the other side's buffer was full."""
 
     @property
     def connections_active(self) -> int:
@@ -137,6 +139,7 @@ class Counters:
             self.connect_failures,
             self.no_endpoint,
             self.idle_timeouts,
+            self.backpressure_pauses,
         )
 
 
@@ -208,6 +211,7 @@ class _Side(asyncio.BufferedProtocol):
         # Our transport is full: stop reading what would be written into it.
         if self.peer is not None and not self.peer.is_closing():
             self.peer.pause_reading()
+            self._link.counters.backpressure_pauses += 1
 
     def resume_writing(self) -> None:
         if self.peer is not None and not self.peer.is_closing():
@@ -305,7 +309,7 @@ class _Link:
         """``side`` read EOF: pass it on if the other side can half-close (keep
         ``side`` open to write the answer), else close the link after flushing."""
         peer = side.peer
-        if peer is None:
+        if peer is None or peer.is_closing():
             self.close()
             return False
         self._eofs += 1

@@ -211,6 +211,41 @@ async def _bulk(address: Address, size: int, *, slow_reader: bool) -> None:
 async def test_multi_megabyte_transfer_both_directions_with_a_slow_reader(mesh: Mesh) -> None:
     await _bulk(mesh.outbound.address, 16 << 20, slow_reader=True)
     assert mesh.outbound.statistics().bytes_sent == 16 << 20
+    # The slow reader filled the buffers on the way: reading was paused upstream.
+    paused = mesh.outbound.statistics().backpressure_pauses
+    assert paused + mesh.inbound.statistics().backpressure_pauses > 0
+
+
+async def test_eof_from_the_client_arrives_after_its_bytes(mesh: Mesh) -> None:
+    """Across mTLS an EOF cannot stay a half-close (asyncio TLS transports cannot
+    write EOF): the proxy flushes what it has, then closes; the backend gets every
+    byte, then EOF."""
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Recorder(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.put_nowait(data)
+
+        def eof_received(self) -> bool:
+            received.put_nowait(b"")
+            return False
+
+    recorder = await asyncio.get_running_loop().create_server(Recorder, "127.0.0.1", 0)
+    try:
+        mesh.inbound.update(mesh.inbound_settings(("127.0.0.1", port_of(recorder))))
+        payload = os.urandom(1 << 20)
+        reader, writer = await asyncio.open_connection(*mesh.outbound.address)
+        writer.write(payload)
+        writer.write_eof()
+        got = bytearray()
+        async with asyncio.timeout(WAIT_S):
+            while chunk := await received.get():
+                got += chunk
+        assert bytes(got) == payload
+        await assert_closed(reader)
+        writer.close()
+    finally:
+        recorder.close()
 
 
 def test_multi_megabyte_transfer_under_uvloop(pki: Pki) -> None:
