@@ -33,13 +33,16 @@ Enforcing. ``IntentionIndex.build(intentions)`` precompiles intentions into a di
 keyed by (source, destination) so ``decide`` is at most four lookups in Consul's
 precedence order; ``authorize`` is the one-shot form. Config entries are plain frozen
 values the proxy snapshot builder reads (``ServiceRouter.route``, ``Filter.matches``,
-``UpstreamConfig.for_upstream``...).
+``UpstreamConfig.for_upstream``...). The per-request HTTP conditions (``HttpRequest``,
+``HttpMatch``, ``HeaderMatch``, ``QueryParamMatch``) and their semantics are defined
+once, in ``proxy.match`` where the proxy enforces them; this module re-exports them,
+parses Consul's shapes into them and renders them back (``http_match_to_body``...).
 
 References: Consul docs connect/intentions ("Precedence and match order"),
 api-docs/connect/intentions, config-entries/service-intentions, service-defaults,
 service-resolver, service-splitter, service-router; Consul ``structs``
 (config_entry_discoverychain.go ``Validate``) for the error cases; go-bexpr for the
-filter syntax; Envoy's route and header matchers for matching semantics.
+filter syntax; ``proxy.match`` for the Envoy route and header matching semantics.
 """
 
 from __future__ import annotations
@@ -52,9 +55,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias
-from urllib.parse import parse_qsl
 
 import msgpack
 
@@ -74,6 +75,12 @@ from meshnode.model import (
     type_name,
     validate_meta,
 )
+from proxy.match import HeaderMatch as HeaderMatch
+from proxy.match import HeaderMatchKind as HeaderMatchKind
+from proxy.match import HttpMatch as HttpMatch
+from proxy.match import HttpRequest as HttpRequest
+from proxy.match import QueryParamMatch as QueryParamMatch
+from proxy.match import compiled_regex
 
 # --------------------------------------------------------------------------- constants
 
@@ -321,15 +328,10 @@ def _regex(value: str, path: str) -> str:
     if re.search(r"\(\?<?[=!]|\\[1-9]|\(\?P=", value):
         raise ValidationError(path, f"regex {value!r}: lookaround and backreferences are not RE2")
     try:
-        _compiled(value)
+        compiled_regex(value)
     except re.error as exc:
         raise ValidationError(path, f"invalid regex {value!r}: {exc}") from None
     return value
-
-
-@lru_cache(maxsize=4096)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
 
 
 def _methods(fields: Body, name: str) -> tuple[str, ...]:
@@ -364,140 +366,41 @@ def _duration_out(seconds: float | None) -> str | None:
 
 # --------------------------------------------------------------------------- HTTP matching
 
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """What L7 decisions look at. ``headers`` names must be lowercase (HTTP header
-    names are case-insensitive; ``from_target`` lowers them once per request)."""
-
-    method: str
-    path: str
-    """The path without the query string (Envoy matches ``path``/``safe_regex`` on it)."""
-    headers: Mapping[str, str] = field(default_factory=dict)
-    query: Mapping[str, str] = field(default_factory=dict)
-    """First value of each query parameter."""
-
-    @staticmethod
-    def from_target(
-        method: str, target: str, headers: Iterable[tuple[str, str]] = ()
-    ) -> HttpRequest:
-        """Build from a request line's target (``/a/b?x=1``) and raw header pairs."""
-        path, _, query_text = target.partition("?")
-        query: dict[str, str] = {}
-        for key, value in parse_qsl(query_text, keep_blank_values=True):
-            query.setdefault(key, value)
-        lowered: dict[str, str] = {}
-        for name, value in headers:
-            lowered.setdefault(name.lower(), value)
-        return HttpRequest(method.upper(), path, lowered, query)
+# The matching types and their semantics live in ``proxy.match`` (the proxy evaluates
+# them per request and may not import meshnode); here they are parsed from and rendered
+# to Consul's JSON shapes.
 
 
-HeaderMatchKind = Literal["present", "exact", "prefix", "suffix", "regex"]
+def header_match_to_body(match: HeaderMatch) -> dict[str, Any]:
+    """A ``Header`` condition in Consul's shape (one of Present/Exact/.../Regex)."""
+    body: dict[str, Any] = {"Name": match.name}
+    body["Present" if match.kind == "present" else match.kind.capitalize()] = (
+        True if match.kind == "present" else match.value
+    )
+    if match.invert:
+        body["Invert"] = True
+    return body
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderMatch:
-    """One ``Header`` condition (Consul ServiceRouteHTTPMatchHeader /
-    IntentionHTTPHeaderPermission): exactly one of Present, Exact, Prefix, Suffix, Regex."""
-
-    name: str
-    kind: HeaderMatchKind
-    value: str = ""
-    invert: bool = False
-
-    def matches(self, headers: Mapping[str, str]) -> bool:
-        found = headers.get(self.name.lower())
-        if found is None:
-            # Envoy (HeaderUtility::matchHeaders): a missing header matches only an
-            # inverted "present" condition.
-            return self.invert and self.kind == "present"
-        if self.kind == "present":
-            result = True
-        elif self.kind == "exact":
-            result = found == self.value
-        elif self.kind == "prefix":
-            result = found.startswith(self.value)
-        elif self.kind == "suffix":
-            result = found.endswith(self.value)
-        else:
-            result = _compiled(self.value).fullmatch(found) is not None
-        return result != self.invert
-
-    def to_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"Name": self.name}
-        body["Present" if self.kind == "present" else self.kind.capitalize()] = (
-            True if self.kind == "present" else self.value
-        )
-        if self.invert:
-            body["Invert"] = True
-        return body
+def query_param_match_to_body(match: QueryParamMatch) -> dict[str, Any]:
+    """A ``QueryParam`` condition in Consul's shape (one of Present/Exact/Regex)."""
+    if match.kind == "present":
+        return {"Name": match.name, "Present": True}
+    return {"Name": match.name, match.kind.capitalize(): match.value}
 
 
-@dataclass(frozen=True, slots=True)
-class QueryParamMatch:
-    """One ``QueryParam`` condition of a route: one of Present, Exact, Regex."""
-
-    name: str
-    kind: Literal["present", "exact", "regex"]
-    value: str = ""
-
-    def matches(self, query: Mapping[str, str]) -> bool:
-        found = query.get(self.name)
-        if found is None:
-            return False
-        if self.kind == "present":
-            return True
-        if self.kind == "exact":
-            return found == self.value
-        return _compiled(self.value).fullmatch(found) is not None
-
-    def to_body(self) -> dict[str, Any]:
-        if self.kind == "present":
-            return {"Name": self.name, "Present": True}
-        return {"Name": self.name, self.kind.capitalize(): self.value}
-
-
-@dataclass(frozen=True, slots=True)
-class HttpMatch:
-    """HTTP conditions, all of which must hold: at most one path condition, headers,
-    query parameters (routes only) and methods (any of)."""
-
-    path_exact: str = ""
-    path_prefix: str = ""
-    path_regex: str = ""
-    headers: tuple[HeaderMatch, ...] = ()
-    query_params: tuple[QueryParamMatch, ...] = ()
-    methods: tuple[str, ...] = ()
-
-    def matches(self, request: HttpRequest) -> bool:
-        path = request.path
-        if self.path_exact and path != self.path_exact:
-            return False
-        if self.path_prefix and not path.startswith(self.path_prefix):
-            return False
-        if self.path_regex and _compiled(self.path_regex).fullmatch(path) is None:
-            return False
-        if self.methods and request.method.upper() not in self.methods:
-            return False
-        if not all(h.matches(request.headers) for h in self.headers):
-            return False
-        return all(q.matches(request.query) for q in self.query_params)
-
-    @property
-    def empty(self) -> bool:
-        return self == HttpMatch()
-
-    def to_body(self) -> dict[str, Any]:
-        return _drop_empty(
-            {
-                "PathExact": self.path_exact,
-                "PathPrefix": self.path_prefix,
-                "PathRegex": self.path_regex,
-                "Header": [h.to_body() for h in self.headers],
-                "QueryParam": [q.to_body() for q in self.query_params],
-                "Methods": list(self.methods),
-            }
-        )
+def http_match_to_body(match: HttpMatch) -> dict[str, Any]:
+    """An ``HTTP`` match (route ``Match.HTTP`` / permission ``HTTP``), unset keys left out."""
+    return _drop_empty(
+        {
+            "PathExact": match.path_exact,
+            "PathPrefix": match.path_prefix,
+            "PathRegex": match.path_regex,
+            "Header": [header_match_to_body(h) for h in match.headers],
+            "QueryParam": [query_param_match_to_body(q) for q in match.query_params],
+            "Methods": list(match.methods),
+        }
+    )
 
 
 _HEADER_KINDS: Final[tuple[tuple[str, HeaderMatchKind], ...]] = (
@@ -610,7 +513,7 @@ class Permission:
     http: HttpMatch
 
     def to_body(self) -> dict[str, Any]:
-        return {"Action": self.action.value, "HTTP": self.http.to_body()}
+        return {"Action": self.action.value, "HTTP": http_match_to_body(self.http)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -979,7 +882,7 @@ class FilterMatch:
             return (found == self.value) == (op == "==")
         if op in ("matches", "not matches"):
             assert isinstance(found, str)
-            return (_compiled(self.value).search(found) is not None) == (op == "matches")
+            return (compiled_regex(self.value).search(found) is not None) == (op == "matches")
         # in: membership in a list, key of a map, or substring of a string.
         return (self.value in found) == (op == "in")
 
@@ -2033,7 +1936,7 @@ class RouteDestination:
 class Route:
     """One route: the first whose ``match`` holds decides (``Routes[]``)."""
 
-    match: HttpMatch = HttpMatch()
+    match: HttpMatch = HttpMatch()  # noqa: RUF009 -- frozen, so one shared default is safe
     """An empty match matches every request."""
     destination: RouteDestination = RouteDestination()
 
@@ -2139,7 +2042,7 @@ def _service_router_body(entry: ServiceRouter) -> dict[str, Any]:
     for route in entry.routes:
         body: dict[str, Any] = {}
         if not route.match.empty:
-            body["Match"] = {"HTTP": route.match.to_body()}
+            body["Match"] = {"HTTP": http_match_to_body(route.match)}
         destination = route.destination.to_body()
         if destination:
             body["Destination"] = destination
