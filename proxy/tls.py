@@ -137,8 +137,16 @@ class MeshContext(ssl.SSLContext):
         return wrapped
 
     def remember_session(self, ssl_object: ssl.SSLObject) -> None:
-        """Keep ``ssl_object``'s session for the next connection (once it has a
-        ticket: TLS 1.3 sends tickets after the handshake)."""
+        """Keep ``ssl_object``'s session for the next connections (once it has a
+        ticket: TLS 1.3 sends tickets after the handshake).
+
+        Only after a full handshake: a resumed connection means the kept session
+        still works (OpenSSL's stateless tickets can be reused until they expire),
+        and reading ``SSLObject.session`` leaks a copy of the session (~6 KB) on
+        CPython ≤ 3.12.5 (python/cpython gh-116810), so it is read once per full
+        handshake, not once per connection."""
+        if ssl_object.session_reused and self.resume_session is not None:
+            return
         session = ssl_object.session
         if session is not None and session.has_ticket:
             self.resume_session = session

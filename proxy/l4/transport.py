@@ -7,13 +7,15 @@ A proxied connection is a :class:`_Link` of two :class:`_Side` protocols, the
 the proxy opened). Bytes read on one side are written to the other, untouched:
 
 * **Protocols, not streams** (reference/proxy-speed.md: streams cost 30-40 % more
-  CPU per request): every side is an ``asyncio.BufferedProtocol``. All sides of a
-  listener read into one shared 64 KiB buffer (:class:`_ReadBuffer`) — the loop is
-  single-threaded and a read is written on before the next one, so one buffer per
-  listener is enough, and 1,000 connections do not cost 2,000 buffers. For TLS
-  sides this also replaces uvloop's 256 KiB ``SSLObject.read`` per read (~10 µs,
-  against ~1.4 µs for 64 KiB into a reused buffer).
-* **One write per read, no copy**: the read is written as a ``memoryview`` of the
+  CPU per request). TLS sides (:class:`_TlsSide`) are ``asyncio.BufferedProtocol``
+  and all of a listener's TLS sides decrypt into one shared 64 KiB buffer
+  (:class:`_ReadBuffer`) — the loop is single-threaded and a read is written on
+  before the next one, so one buffer per listener is enough, and 1,000 connections
+  do not cost 1,000 buffers. This replaces uvloop's 256 KiB ``SSLObject.read`` per
+  read (~10 µs, against ~1.4 µs for 64 KiB into a reused buffer). Plain TCP sides
+  (:class:`_TcpSide`) are ``asyncio.Protocol``: uvloop already reads those into one
+  loop-wide buffer and hands over exact-size bytes.
+* **One write per read, no copy**: a TLS read is written as a ``memoryview`` of the
   shared buffer. A transport that could not send it all keeps a reference to it, so
   in that case (and only then) the listener takes a fresh buffer.
 * **Backpressure**: when a side's transport buffers more than its high-water mark
@@ -159,9 +161,11 @@ class _ReadBuffer:
         self.view = memoryview(bytearray(READ_BUFFER_BYTES))
 
 
-class _Side(asyncio.BufferedProtocol):
+class _Side(asyncio.BaseProtocol):
     """One socket of a link. ``peer`` is the other side's transport once both are
-    connected; until then reading stays paused."""
+    connected; until then reading stays paused. The reading half is in the two
+    subclasses: :class:`_TlsSide` reads into the shared buffer, :class:`_TcpSide`
+    takes uvloop's bytes."""
 
     __slots__ = ("_downstream", "_link", "_reads", "peer", "transport")
 
@@ -181,20 +185,7 @@ class _Side(asyncio.BufferedProtocol):
             transport.pause_reading()
         self._link.side_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._reads.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is None:
-            # Read before the other side is connected: uvloop may deliver a first
-            # read although connection_made paused reading. Keep it for splice().
-            self._link.hold(self, bytes(self._reads.view[:nbytes]))
-            return
-        reads = self._reads
-        peer.write(reads.view[:nbytes])
-        if peer.get_write_buffer_size():
-            reads.renew()
+    def _count(self, nbytes: int) -> None:
         link = self._link
         link.last_read = link.loop.time()
         if self._downstream:
@@ -219,6 +210,46 @@ class _Side(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._link.side_lost(self)
+
+
+class _TlsSide(_Side, asyncio.BufferedProtocol):
+    """A TLS side: uvloop decrypts straight into the shared 64 KiB buffer
+    (``SSLObject.read(n, buffer)``) instead of allocating 256 KiB per read."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        peer = self.peer
+        if peer is None:
+            # Read before the other side is connected: uvloop may deliver a first
+            # read although connection_made paused reading. Keep it for splice().
+            self._link.hold(self, bytes(self._reads.view[:nbytes]))
+            return
+        reads = self._reads
+        peer.write(reads.view[:nbytes])
+        if peer.get_write_buffer_size():
+            reads.renew()
+        self._count(nbytes)
+
+
+class _TcpSide(_Side, asyncio.Protocol):
+    """A plain TCP side. uvloop reads plain sockets into its own loop-wide buffer
+    and hands over exactly the bytes read, so a ``Protocol`` copies no more than a
+    ``BufferedProtocol`` would, with one Python call per read instead of two
+    (``get_buffer`` + ``buffer_updated``)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            self._link.hold(self, data)
+            return
+        peer.write(data)
+        self._count(len(data))
 
 
 class _Link:
@@ -513,7 +544,7 @@ class InboundListener(_Listener):
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.create_connection(
-                    lambda: _Side(link, self._reads, downstream=False), *target
+                    lambda: _TcpSide(link, self._reads, downstream=False), *target
                 )
         except (OSError, TimeoutError):
             self._counters.connect_failures += 1
@@ -524,7 +555,7 @@ class InboundListener(_Listener):
             link.splice()
 
 
-class _InboundDownstream(_Side):
+class _InboundDownstream(_TlsSide):
     __slots__ = ("_listener",)
 
     def __init__(self, link: _Link, reads: _ReadBuffer, listener: InboundListener) -> None:
@@ -600,7 +631,7 @@ class OutboundListener(_Listener):
             try:
                 async with asyncio.timeout(settings.connect_timeout):
                     transport, _ = await loop.create_connection(
-                        lambda: _Side(link, self._reads, downstream=False),
+                        lambda: _TlsSide(link, self._reads, downstream=False),
                         *endpoint,
                         ssl=context,
                         server_hostname=settings.upstream,
@@ -633,7 +664,7 @@ class OutboundListener(_Listener):
         context.remember_session(ssl_object)
 
 
-class _OutboundDownstream(_Side):
+class _OutboundDownstream(_TcpSide):
     __slots__ = ("_listener",)
 
     def __init__(self, link: _Link, reads: _ReadBuffer, listener: OutboundListener) -> None:
