@@ -490,7 +490,7 @@ MESHNODE_WORKER: Final = (
 )
 
 
-async def start_meshnode_l4(env: Environment) -> Listening:
+async def start_meshnode_l4(env: Environment, event_loop: str = "uvloop") -> Listening:
     """Worker A: an outbound listener on loopback (source ``client``, upstream
     ``backend``) → mTLS → worker B: the inbound port, SNI ``backend``, an allow list
     with the one intention client → backend (so the check runs) → the backend."""
@@ -531,7 +531,7 @@ async def start_meshnode_l4(env: Environment) -> Listening:
         path = env.workdir / f"meshnode-l4-{name}.json"
         path.write_text(json.dumps(config))
         path.chmod(0o600)  # private keys
-        argv = [*MESHNODE_WORKER, "--config", str(path)]
+        argv = [*MESHNODE_WORKER, "--config", str(path), "--event-loop", event_loop]
         pids.append(await env.processes.spawn(f"meshnode-{name}", argv, ("127.0.0.1", port)))
     return Listening(("127.0.0.1", port_a), (pids[1], pids[0]), inbound=("127.0.0.1", port_b))
 
@@ -543,6 +543,22 @@ register(
         "candidate",
         "meshnode pair, TCP (python -m proxy workers, uvloop), mTLS 1.3 between",
         start_meshnode_l4,
+    )
+)
+
+
+async def start_meshnode_l4_asyncio(env: Environment) -> Listening:
+    """The same pair on asyncio's own loop (uvloop's TLS memory growth, uvloop#565)."""
+    return await start_meshnode_l4(env, "asyncio")
+
+
+register(
+    Configuration(
+        "meshnode-l4-asyncio",
+        "l4",
+        "candidate",
+        "the same meshnode TCP pair on asyncio's default loop",
+        start_meshnode_l4_asyncio,
     )
 )
 

@@ -165,19 +165,31 @@ async def serve(config: WorkerConfig, ready: Callable[[], None] = lambda: None) 
             loop.remove_signal_handler(signum)
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Under uvloop when it is installed (extra ``speed``), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+def _run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+    """Under uvloop when it is installed (extra ``speed``) and not refused, else
+    asyncio's loop. ``--event-loop asyncio`` exists because uvloop's TLS has open
+    memory-growth issues (MagicStack/uvloop#565): compare both in ``bench/proxy.py``."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="the worker's JSON file")
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="uvloop when installed (auto), or force one",
+    )
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     try:
@@ -190,5 +202,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ready", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        _run(serve(config, ready))
+        _run(serve(config, ready), options.event_loop)
     return 0
