@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import statistics
@@ -51,7 +50,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common
 
-from bench.common import poll_until, run_benchmark
+from bench.common import percentile, poll_until, run_benchmark
 
 #: Polling period of the catalogs in the polling measurement (the brief's ~20 ms);
 #: it bounds that measurement's resolution.
@@ -259,14 +258,6 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------------- statistics
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (with 20 samples, p99 is the largest)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def mib(value: float) -> float:
     return round(value / 2**20, 1)
 
@@ -451,10 +442,10 @@ async def propagation_phase(
             all_times.append(everywhere)
             await asyncio.sleep(rng.uniform(0.2, 0.4))  # let the broadcast drain
         results[mode] = {
-            "p50_s": round(percentile(all_times, 50), 3),
-            "p99_s": round(percentile(all_times, 99), 3),
+            "p50_s": round(percentile(all_times, 0.50), 3),
+            "p99_s": round(percentile(all_times, 0.99), 3),
             "max_s": round(max(all_times), 3),
-            "origin_p50_s": round(percentile(origin_times, 50), 3),
+            "origin_p50_s": round(percentile(origin_times, 0.50), 3),
             "samples": len(all_times),
         }
         print(
@@ -558,8 +549,8 @@ async def throughput_phase(
         for kind in ("agent", "baseline"):
             run = runs[endpoint, kind]
             row[f"{kind}_rps"] = round(run.requests / run.seconds, 1)
-            row[f"{kind}_p50_ms"] = round(1000 * percentile(run.latencies, 50), 2)
-            row[f"{kind}_p99_ms"] = round(1000 * percentile(run.latencies, 99), 2)
+            row[f"{kind}_p50_ms"] = round(1000 * percentile(run.latencies, 0.50), 2)
+            row[f"{kind}_p99_ms"] = round(1000 * percentile(run.latencies, 0.99), 2)
             row[f"{kind}_errors"] = run.errors
             row[f"{kind}_body_bytes"] = run.body_bytes
         row["ratio"] = round(row["agent_rps"] / row["baseline_rps"], 3)

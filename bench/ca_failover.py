@@ -57,7 +57,7 @@ from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.ca (the baseline)
 
-from bench.common import poll_until, run_benchmark
+from bench.common import percentile, poll_until, run_benchmark
 from ca.election import ElectionConfig
 from meshnode.procs import AgentProcess, fetch_json, kill_agents, start_agent, wait_agent_ready
 from tests.ca.test_election_sim import failover_samples
@@ -78,14 +78,6 @@ REQUEST_TIMEOUT: Final = 20.0
 #: Pause between rounds: a few heartbeats with all five servers up.
 SETTLE: Final = 1.0
 DESTINATION: Final = "d"
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (NaN for no values)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

@@ -1,17 +1,27 @@
-"""What the benchmarks that drive real processes share: polling with a deadline, and
-the asyncio entry point that cleans up on Ctrl-C and SIGTERM alike."""
+"""What the benchmarks that drive real processes share: polling with a deadline, the
+nearest-rank percentile, and the asyncio entry point that cleans up on Ctrl-C and SIGTERM alike."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from gossip.sim import percentile as nearest_rank
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """``gossip.sim.percentile`` (nearest rank; with 20 samples p99 is the largest),
+    but NaN rather than None for no values, so results stay plain floats."""
+    value = nearest_rank(values, fraction)
+    return math.nan if value is None else value
 
 
 async def poll_until(

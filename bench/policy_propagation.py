@@ -51,7 +51,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common
 
-from bench.common import poll_until, run_benchmark
+from bench.common import percentile, poll_until, run_benchmark
 from meshnode.procs import AgentProcess, fetch_json, kill_agents, start_agent, wait_agent_ready
 
 #: Servers of the cluster (the rest are clients).
@@ -73,14 +73,6 @@ BLOCK_WAIT: Final = "40s"
 CONFIRM_TRIES: Final = 500
 #: Poll period while waiting for the cluster to form.
 POLL: Final = 0.1
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile (NaN for no values)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
