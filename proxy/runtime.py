@@ -25,8 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from random import Random
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from proxy.match import HttpRequest
 from proxy.resilience import CircuitBreaker, OutlierDetector, RetryBudget
@@ -40,6 +39,9 @@ from proxy.snapshot import (
     Snapshot,
     Upstream,
 )
+
+if TYPE_CHECKING:
+    from random import Random
 
 #: Outcomes reported to ``ClusterRuntime.record`` besides HTTP statuses (the same
 #: values as ``proxy.resilience``'s ``CONNECT_FAILED``/``TIMEOUT``/``RESET``).

@@ -22,10 +22,12 @@ import json
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Mapping
-from random import Random
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 from proxy.snapshot import AccessLog
+
+if TYPE_CHECKING:
+    from random import Random
 
 Direction: TypeAlias = Literal["inbound", "outbound"]
 Labels: TypeAlias = tuple[tuple[str, str], ...]
@@ -177,20 +179,20 @@ class Telemetry:
         counters: list[Any] = []
         histograms: list[Any] = []
         for (direction, source, destination, klass), stats in self._requests.items():
-            labels = [
+            request_labels = [
                 ["direction", direction],
                 ["source", source],
                 ["destination", destination],
                 ["code_class", klass],
             ]
-            counters.append([PREFIX + "requests_total", labels, stats.requests])
-            counters.append([PREFIX + "request_bytes_total", labels, stats.bytes_in])
-            counters.append([PREFIX + "response_bytes_total", labels, stats.bytes_out])
+            counters.append([PREFIX + "requests_total", request_labels, stats.requests])
+            counters.append([PREFIX + "request_bytes_total", request_labels, stats.bytes_in])
+            counters.append([PREFIX + "response_bytes_total", request_labels, stats.bytes_out])
             latency = stats.latency
             histograms.append(
                 [
                     PREFIX + "request_duration_seconds",
-                    labels,
+                    request_labels,
                     list(LATENCY_BUCKETS),
                     list(latency.counts),
                     latency.sum,
@@ -198,9 +200,9 @@ class Telemetry:
                 ]
             )
         for (name, labels), value in self._counters.items():
-            counters.append([f"{PREFIX}{name}_total", [list(p) for p in labels], value])
+            counters.append([f"{PREFIX}{name}_total", [list(pair) for pair in labels], value])
         gauges = [
-            [PREFIX + name, [list(p) for p in labels], value]
+            [PREFIX + name, [list(pair) for pair in labels], value]
             for (name, labels), value in self._gauges.items()
         ]
         return {"counters": counters, "gauges": gauges, "histograms": histograms}
