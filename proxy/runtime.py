@@ -1,10 +1,6 @@
 """A snapshot compiled into the objects the data path asks on every connection and
 request. Pure: no asyncio, no clock — callers pass ``now`` (loop time, monotonic s).
 
-INTERFACE DRAFT (session 2026-11-26): signatures and semantics are fixed here so the
-L4/L7 data path and the worker can be built against them in parallel; bodies are
-filled in by the runtime's own change.
-
 Theory of operation
 -------------------
 :func:`compile_snapshot` turns a :class:`proxy.snapshot.Snapshot` into a
@@ -18,23 +14,68 @@ change) does not reset a rate limit or forget an ejection; in-flight counts of
 requests that started under the old snapshot are released on the same objects.
 
 The per-request path (``route`` → ``split`` → ``resolve`` → ``ClusterRuntime.pick``)
-does dictionary lookups and one RNG draw; everything else is done at compile time.
+does dictionary lookups and one RNG draw; everything else is done at compile time:
+
+* intentions become, per local service, a map from source name to the first rule
+  that matches it (exact name or ``*``, in the snapshot's precedence order) plus the
+  first ``*`` rule for everyone else, so a decision is one ``dict.get``;
+* a route's splits become cumulative weights (zero weights dropped) for one bisect of
+  one draw, or the cluster itself when there is one split;
+* failover is resolved per cluster (endpoints do not change within a snapshot);
+* ``hash_on`` is parsed into (kind, name) pairs.
+
+What is carried over, and when (identity is the name; the *configuration* must also be
+the same, else the object is new — a changed limit is a new limit):
+
+* the destination token bucket of a local service: same ``rate_limit``;
+* the (source, service) buckets: same ``rate_limit_per_source``;
+* per cluster, keyed by (upstream listener address, cluster name): the circuit
+  breaker (same ``Limits``), the retry budget (same percent and minimum), the outlier
+  detector (same ``Outlier``; it is told the new endpoints with ``set_endpoints``, so
+  removed endpoints are forgotten and kept ones keep their ejections), the
+  least-request ``active`` map (always: it counts real requests in flight), and the
+  balancer itself when endpoints and load-balancing settings are unchanged (so round
+  robin continues where it was). A *new* breaker or budget starts at zero: requests in
+  flight under the old snapshot release on the ``ClusterRuntime`` they started on
+  (the data path keeps a reference to it), so counts never go negative; for the time
+  those requests drain, the new limit does not see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias
 
+from proxy.balancer import (
+    DEFAULT_MAXIMUM_RING_SIZE,
+    NOTHING,
+    RING_HASH,
+    Balancer,
+    build_balancer,
+    stable_hash,
+)
 from proxy.match import HttpRequest
-from proxy.resilience import CircuitBreaker, OutlierDetector, RetryBudget
+from proxy.resilience import (
+    DEFAULT_BUDGET_PERCENT,
+    DEFAULT_MIN_RETRY_CONCURRENCY,
+    CircuitBreaker,
+    EndpointEjected,
+    EndpointReturned,
+    OutlierDetector,
+    RetryBudget,
+    TokenBucket,
+)
 from proxy.snapshot import (
     Cluster,
     Endpoint,
     Inbound,
     InboundTarget,
+    IntentionRule,
     LocalService,
+    RateLimit,
     Route,
     Snapshot,
     Upstream,
@@ -43,8 +84,32 @@ from proxy.snapshot import (
 if TYPE_CHECKING:
     from random import Random
 
-#: Outcomes reported to ``ClusterRuntime.record`` besides HTTP statuses (the same
-#: values as ``proxy.resilience``'s ``CONNECT_FAILED``/``TIMEOUT``/``RESET``).
+__all__ = [
+    "MAX_SOURCE_BUCKETS",
+    "ClusterRuntime",
+    "Compiled",
+    "InboundRuntime",
+    "OutlierEvent",
+    "UpstreamRuntime",
+    "Verdict",
+    "compile_snapshot",
+    "source_service",
+]
+
+#: Outcomes reported to ``ClusterRuntime.record`` besides HTTP statuses are
+#: ``proxy.resilience``'s ``CONNECT_FAILED``/``TIMEOUT``/``RESET``.
+
+#: Per-(source, service) token buckets kept at most. Sources are services of the mesh
+#: (a bounded set in practice) plus "" for peers without a service ID, but a bucket is
+#: made on a caller's first request, so the map is bounded anyway; the least recently
+#: used bucket goes first. An evicted source starts again with a full bucket — the
+#: same as a source idle for ``burst / rate`` seconds, which an LRU victim usually is.
+MAX_SOURCE_BUCKETS: Final = 4096
+
+OutlierEvent: TypeAlias = "EndpointEjected[Endpoint] | EndpointReturned[Endpoint]"
+
+DEFAULT_ALLOW: Final = "default allow"
+DEFAULT_DENY: Final = "default deny"
 
 
 class Verdict(NamedTuple):
@@ -58,22 +123,152 @@ class Verdict(NamedTuple):
 def source_service(spiffe_id: str | None, trust_domain: str) -> str:
     """The service name in ``spiffe://<trust_domain>/ns/<ns>/dc/<dc>/svc/<name>``;
     "" for None, another trust domain, or another shape (agents' IDs)."""
-    raise NotImplementedError
+    if not spiffe_id:
+        return ""
+    prefix = f"spiffe://{trust_domain}/"
+    if not spiffe_id.startswith(prefix):
+        return ""
+    parts = spiffe_id[len(prefix) :].split("/")
+    if (
+        len(parts) != 6
+        or parts[0] != "ns"
+        or parts[2] != "dc"
+        or parts[4] != "svc"
+        or not all(parts[1::2])
+    ):
+        return ""
+    return parts[5]
+
+
+# --------------------------------------------------------------------------- inbound
+
+
+class _Intentions:
+    """One local service's intentions, precomputed: the deciding rule per source."""
+
+    __slots__ = ("by_source", "default", "wildcard")
+
+    def __init__(self, service: LocalService) -> None:
+        by_source: dict[str, IntentionRule] = {}
+        wildcard: IntentionRule | None = None
+        for rule in service.intentions:
+            if rule.source == "*":
+                if wildcard is None:
+                    wildcard = rule
+            elif rule.source and rule.source not in by_source:
+                # A ``*`` rule earlier in precedence order already decides for it.
+                by_source[rule.source] = wildcard if wildcard is not None else rule
+        self.by_source = by_source
+        self.wildcard = wildcard
+        self.default = Verdict(
+            service.default_allow, DEFAULT_ALLOW if service.default_allow else DEFAULT_DENY
+        )
+
+    def rule(self, source: str) -> IntentionRule | None:
+        if source:
+            return self.by_source.get(source, self.wildcard)
+        return self.wildcard
+
+
+_UNKNOWN_SERVICE: Final = Verdict(False, DEFAULT_DENY)
+
+
+def _same_rate(a: RateLimit | None, bucket: TokenBucket | None) -> bool:
+    return (
+        a is not None
+        and bucket is not None
+        and a.requests_per_second == bucket.rate_per_s
+        and float(a.burst) == bucket.burst
+    )
+
+
+def _wait(bucket: TokenBucket, now: float) -> float:
+    """0.0 when ``bucket`` has a token at ``now``, else the seconds until it has one
+    (TokenBucket's own rule, read without taking)."""
+    tokens = bucket.available(now)
+    if tokens >= 1.0 - 1e-9:
+        return 0.0
+    return (1.0 - tokens) / bucket.rate_per_s
 
 
 class InboundRuntime:
     """The host's inbound port: which local service an SNI name reaches, who may
     call it, and its rate limits."""
 
+    __slots__ = (
+        "_buckets",
+        "_cursors",
+        "_intentions",
+        "_max_source_buckets",
+        "_source_buckets",
+        "inbound",
+        "trust_domain",
+    )
+
     inbound: Inbound
     trust_domain: str
 
+    def __init__(
+        self,
+        inbound: Inbound,
+        trust_domain: str,
+        previous: InboundRuntime | None = None,
+        *,
+        max_source_buckets: int = MAX_SOURCE_BUCKETS,
+    ) -> None:
+        self.inbound = inbound
+        self.trust_domain = trust_domain
+        self._max_source_buckets = max_source_buckets
+        self._intentions = {name: _Intentions(s) for name, s in inbound.services.items()}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._source_buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        self._cursors: dict[InboundTarget, int] = {}
+        for name, service in inbound.services.items():
+            limit = service.rate_limit
+            if limit is None:
+                continue
+            old = previous._buckets.get(name) if previous is not None else None
+            self._buckets[name] = (
+                old
+                if old is not None and _same_rate(limit, old)
+                else TokenBucket(limit.requests_per_second, limit.burst)
+            )
+        if previous is not None:
+            services = inbound.services
+            for key, bucket in previous._source_buckets.items():
+                local = services.get(key[1])
+                if local is not None and _same_rate(local.rate_limit_per_source, bucket):
+                    self._source_buckets[key] = bucket
+            targets = set(inbound.targets.values())
+            self._cursors = {t: c for t, c in previous._cursors.items() if t in targets}
+
+    # ------------------------------------------------------------------- lookups
+
     def target(self, sni: str) -> InboundTarget | None:
         """The local target for a TLS server name, None when unknown."""
-        raise NotImplementedError
+        return self.inbound.targets.get(sni)
 
     def service(self, name: str) -> LocalService | None:
-        raise NotImplementedError
+        return self.inbound.services.get(name)
+
+    def local_address(self, target: InboundTarget) -> tuple[str, int]:
+        """The next local instance of ``target`` (round robin)."""
+        addresses = target.addresses
+        if len(addresses) == 1:
+            return addresses[0]
+        cursor = self._cursors.get(target, 0)
+        if cursor >= len(addresses):
+            cursor = 0
+        self._cursors[target] = cursor + 1
+        return addresses[cursor]
+
+    # ------------------------------------------------------------------ intentions
+
+    def rule(self, source: str, service: str) -> IntentionRule | None:
+        """The intention that decides for ``source`` (a service name, "" for none)
+        calling ``service``; None when none matches (the default applies)."""
+        intentions = self._intentions.get(service)
+        return intentions.rule(source) if intentions is not None else None
 
     def authorize_connection(self, peer_id: str | None, service: str) -> Verdict:
         """At connect (L4 services, and the connection of an L7 service): the first
@@ -81,27 +276,106 @@ class InboundRuntime:
         order) decides; an L7 intention (permissions) lets the connection in; no
         match → ``default_allow``. A peer without a SPIFFE service ID (or from
         another trust domain) only matches ``*`` rules."""
-        raise NotImplementedError
+        intentions = self._intentions.get(service)
+        if intentions is None:
+            return _UNKNOWN_SERVICE
+        rule = intentions.rule(source_service(peer_id, self.trust_domain))
+        if rule is None:
+            return intentions.default
+        return Verdict(rule.action != "deny", rule.name)
 
     def authorize_request(self, peer_id: str | None, service: str, request: HttpRequest) -> Verdict:
         """Per HTTP request: as ``authorize_connection``, and for an L7 intention the
         first permission whose match holds decides; none holds → denied (rule name
         is the intention's)."""
-        raise NotImplementedError
+        intentions = self._intentions.get(service)
+        if intentions is None:
+            return _UNKNOWN_SERVICE
+        rule = intentions.rule(source_service(peer_id, self.trust_domain))
+        if rule is None:
+            return intentions.default
+        if rule.action:
+            return Verdict(rule.action == "allow", rule.name)
+        for permission in rule.permissions:
+            if permission.match.matches(request):
+                return Verdict(permission.action == "allow", rule.name)
+        return Verdict(False, rule.name)
+
+    # ------------------------------------------------------------------ rate limits
 
     def rate_limit(self, source: str, service: str, now: float) -> float:
         """Take a token from the service's bucket and the (source, service) bucket:
         0.0 when the request may go; else the seconds until one would be available
-        (for ``Retry-After``, rounded up by the caller); nothing is taken then."""
-        raise NotImplementedError
+        (for ``Retry-After``, rounded up by the caller); nothing is taken then.
 
-    def local_address(self, target: InboundTarget) -> tuple[str, int]:
-        """The next local instance of ``target`` (round robin)."""
-        raise NotImplementedError
+        When both buckets are empty the wait is the longer one: the time until a
+        request would pass both."""
+        destination = self._buckets.get(service)
+        per_source = self._source_bucket(source, service)
+        if destination is None and per_source is None:
+            return 0.0
+        wait = 0.0
+        if destination is not None:
+            wait = _wait(destination, now)
+        if per_source is not None:
+            wait = max(wait, _wait(per_source, now))
+        if wait > 0.0:
+            return wait
+        if destination is not None:
+            destination.try_take(now)
+        if per_source is not None:
+            per_source.try_take(now)
+        return 0.0
+
+    def _source_bucket(self, source: str, service: str) -> TokenBucket | None:
+        buckets = self._source_buckets
+        key = (source, service)
+        bucket = buckets.get(key)
+        if bucket is not None:
+            buckets.move_to_end(key)
+            return bucket
+        local = self.inbound.services.get(service)
+        limit = local.rate_limit_per_source if local is not None else None
+        if limit is None:
+            return None
+        bucket = TokenBucket(limit.requests_per_second, limit.burst)
+        buckets[key] = bucket
+        if len(buckets) > self._max_source_buckets:
+            buckets.popitem(last=False)
+        return bucket
+
+    @property
+    def source_bucket_count(self) -> int:
+        """Per-(source, service) buckets held now (≤ ``MAX_SOURCE_BUCKETS``)."""
+        return len(self._source_buckets)
+
+
+# -------------------------------------------------------------------------- clusters
+
+
+def _endpoint_name(endpoint: Endpoint) -> str:
+    """What the ring hashes for an endpoint: the same on every proxy."""
+    return f"{endpoint.host}:{endpoint.port}/{endpoint.sni}"
 
 
 class ClusterRuntime:
-    """One cluster: endpoints, balancer, breaker, retry budget, outlier detector."""
+    """One cluster: endpoints, balancer, breaker, retry budget, outlier detector.
+
+    A retry needs both ``breaker.allow_retry()`` and ``budget.can_retry()``."""
+
+    __slots__ = (
+        "_all",
+        "_balancer",
+        "_count",
+        "_has_endpoints",
+        "active",
+        "breaker",
+        "budget",
+        "budget_settings",
+        "cluster",
+        "failover_target",
+        "outlier",
+    )
 
     cluster: Cluster
     breaker: CircuitBreaker
@@ -109,7 +383,105 @@ class ClusterRuntime:
     outlier: OutlierDetector[Endpoint] | None
     active: dict[Endpoint, int]
     """Requests in flight per endpoint (least_request reads it; the data path adds
-    and removes)."""
+    and removes, e.g. with ``request_started``/``request_finished``)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        rng: Random,
+        previous: ClusterRuntime | None = None,
+        *,
+        budget_percent: float = DEFAULT_BUDGET_PERCENT,
+        min_retry_concurrency: int = DEFAULT_MIN_RETRY_CONCURRENCY,
+    ) -> None:
+        self.cluster = cluster
+        endpoints = tuple(dict.fromkeys(cluster.endpoints))  # a duplicate is one endpoint
+        self._all = frozenset(endpoints)
+        self._count = len(endpoints)
+        self._has_endpoints = bool(endpoints)
+        self.failover_target: ClusterRuntime | None = self if endpoints else None
+        """What ``UpstreamRuntime.resolve`` answers for this cluster (set by it)."""
+        self.active = previous.active if previous is not None else {}
+        self.breaker = self._breaker(cluster, previous)
+        self.budget_settings = (budget_percent, min_retry_concurrency)
+        """The retry budget's (budget_percent, min_retry_concurrency)."""
+        self.budget = (
+            previous.budget
+            if previous is not None and previous.budget_settings == self.budget_settings
+            else RetryBudget(budget_percent, min_retry_concurrency)
+        )
+        self.outlier = self._outlier(cluster, endpoints, previous, rng)
+        self._balancer = self._build_balancer(cluster, endpoints, previous, rng)
+
+    @staticmethod
+    def _breaker(cluster: Cluster, previous: ClusterRuntime | None) -> CircuitBreaker:
+        if previous is not None and previous.cluster.limits == cluster.limits:
+            return previous.breaker
+        limits = cluster.limits
+        return CircuitBreaker(
+            max_connections=limits.max_connections,
+            max_pending_requests=limits.max_pending_requests,
+            max_requests=limits.max_requests,
+            max_retries=limits.max_retries,
+        )
+
+    @staticmethod
+    def _outlier(
+        cluster: Cluster,
+        endpoints: tuple[Endpoint, ...],
+        previous: ClusterRuntime | None,
+        rng: Random,
+    ) -> OutlierDetector[Endpoint] | None:
+        settings = cluster.outlier
+        if settings is None:
+            return None
+        if (
+            previous is not None
+            and previous.outlier is not None
+            and previous.cluster.outlier == settings
+        ):
+            previous.outlier.set_endpoints(endpoints)
+            return previous.outlier
+        return OutlierDetector(
+            endpoints,
+            consecutive_5xx=settings.consecutive_5xx,
+            consecutive_gateway_failure=settings.consecutive_gateway_failure,
+            interval=settings.interval,
+            base_ejection_time=settings.base_ejection_time,
+            max_ejection_percent=settings.max_ejection_percent,
+            always_eject_one_host=settings.always_eject_one_host,
+            rng=rng,
+        )
+
+    def _build_balancer(
+        self,
+        cluster: Cluster,
+        endpoints: tuple[Endpoint, ...],
+        previous: ClusterRuntime | None,
+        rng: Random,
+    ) -> Balancer[Endpoint]:
+        lb = cluster.load_balancing
+        if (
+            previous is not None
+            and previous.cluster.endpoints == cluster.endpoints
+            and previous.cluster.load_balancing == lb
+        ):
+            return previous._balancer
+        # Rings are built in Python at ~1 µs an entry: Envoy's 8M-entry maximum would
+        # stall the worker for seconds, so the balancer's own cap applies.
+        maximum = min(lb.maximum_ring_size, DEFAULT_MAXIMUM_RING_SIZE)
+        return build_balancer(
+            lb.policy,
+            [(endpoint, max(1, endpoint.weight)) for endpoint in endpoints],
+            rng,
+            active=self.active,
+            choice_count=max(2, lb.choice_count),
+            minimum_ring_size=max(1, min(lb.minimum_ring_size, maximum)),
+            maximum_ring_size=maximum,
+            name=_endpoint_name,
+        )
+
+    # -------------------------------------------------------------------- picking
 
     def pick(
         self, now: float, exclude: Collection[Endpoint] = (), hash_key: int | None = None
@@ -117,48 +489,220 @@ class ClusterRuntime:
         """An endpoint that is neither ejected nor in ``exclude``; None when none is.
         (When every endpoint is ejected, an ejected one is still better than none:
         falls back to ignoring ejections, as Envoy's panic threshold does.)"""
-        raise NotImplementedError
+        outlier = self.outlier
+        if outlier is not None:
+            ejected = outlier.ejected(now)
+            if ejected and not (len(ejected) >= self._count and self._all <= ejected):
+                return self._balancer.pick(ejected.union(exclude) if exclude else ejected, hash_key)
+        return self._balancer.pick(exclude or NOTHING, hash_key)
+
+    def has_endpoints(self) -> bool:
+        return self._has_endpoints
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._balancer.endpoints
+
+    def request_started(self, endpoint: Endpoint) -> None:
+        """Count a request in flight to ``endpoint`` (least_request reads it)."""
+        active = self.active
+        active[endpoint] = active.get(endpoint, 0) + 1
+
+    def request_finished(self, endpoint: Endpoint) -> None:
+        """Undo ``request_started``; an endpoint back at zero leaves ``active``."""
+        active = self.active
+        count = active.get(endpoint, 0) - 1
+        if count > 0:
+            active[endpoint] = count
+        else:
+            active.pop(endpoint, None)
+
+    # ------------------------------------------------------------ outlier detection
 
     def record(self, endpoint: Endpoint, outcome: int, now: float) -> None:
         """An exchange's outcome for outlier detection: an HTTP status, or 200 for
         a TCP connection made, or ``CONNECT_FAILED``/``TIMEOUT``/``RESET``."""
-        raise NotImplementedError
-
-    def has_endpoints(self) -> bool:
-        raise NotImplementedError
+        if self.outlier is not None:
+            self.outlier.record(endpoint, outcome, now)
 
     def timer(self) -> float | None:
         """When ``handle_timer`` is due next (outlier returns), loop time."""
-        raise NotImplementedError
+        return self.outlier.get_timer() if self.outlier is not None else None
 
     def handle_timer(self, now: float) -> None:
-        raise NotImplementedError
+        if self.outlier is not None:
+            self.outlier.handle_timer(now)
+
+    def take_events(self) -> list[OutlierEvent]:
+        """The outlier detector's ``EndpointEjected``/``EndpointReturned`` events since
+        the last call, oldest first (for logs and metrics). The detector is shared
+        with the next snapshot's ``ClusterRuntime`` for this cluster, so pull events
+        from the current ``Compiled`` only; at most ``MAX_PENDING_EVENTS`` wait."""
+        outlier = self.outlier
+        if outlier is None:
+            return []
+        events: list[OutlierEvent] = []
+        event = outlier.next_event()
+        while event is not None:
+            events.append(event)
+            event = outlier.next_event()
+        return events
+
+
+# ------------------------------------------------------------------------- upstreams
+
+
+class _Split:
+    """A route's splits compiled: one cluster, or cumulative weights to bisect."""
+
+    __slots__ = ("clusters", "cumulative", "last", "route", "single", "total")
+
+    def __init__(self, route: Route, clusters: Mapping[str, ClusterRuntime]) -> None:
+        self.route = route
+        targets = [s for s in route.splits if s.weight > 0] or list(route.splits)
+        self.clusters = [clusters[s.cluster] for s in targets]
+        self.single = self.clusters[0] if len(self.clusters) == 1 else None
+        cumulative: list[float] = []
+        running = 0
+        for split in targets:
+            running += max(0, split.weight)
+            cumulative.append(float(running))
+        self.cumulative = cumulative
+        self.total = float(running) if running else 1.0
+        self.last = len(targets) - 1
+
+
+def _parse_hash_on(items: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    parsed: list[tuple[str, str]] = []
+    for item in items:
+        kind, _, name = item.partition(":")
+        if kind == "header":
+            parsed.append((kind, name.lower()))
+        elif kind in ("cookie", "query") or (kind == "source_ip" and not name):
+            parsed.append((kind, name))
+        # Anything else was refused by the agent; ignore it here rather than fail.
+    return tuple(parsed)
+
+
+def _cookie(header: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header (RFC 6265 §5.4 shape)."""
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key == name:
+            return value
+    return None
 
 
 class UpstreamRuntime:
     """One outbound listener."""
 
+    __slots__ = ("_hash_on", "_matchers", "_random", "_splits", "clusters", "upstream")
+
     upstream: Upstream
     clusters: Mapping[str, ClusterRuntime]
 
+    def __init__(
+        self, upstream: Upstream, rng: Random, previous: UpstreamRuntime | None = None
+    ) -> None:
+        self.upstream = upstream
+        self._random = rng.random
+        clusters: dict[str, ClusterRuntime] = {}
+        for name, cluster in upstream.clusters.items():
+            percent, minimum = _budget_settings(upstream, name)
+            clusters[name] = ClusterRuntime(
+                cluster,
+                rng,
+                previous.clusters.get(name) if previous is not None else None,
+                budget_percent=percent,
+                min_retry_concurrency=minimum,
+            )
+        for runtime in clusters.values():
+            runtime.failover_target = _failover(runtime, clusters)
+        self.clusters = clusters
+        self._matchers = tuple(
+            (route, None if route.match.empty else route.match) for route in upstream.routes
+        )
+        self._splits = {id(route): _Split(route, clusters) for route in upstream.routes}
+        self._hash_on = {
+            id(runtime): _parse_hash_on(runtime.cluster.load_balancing.hash_on)
+            for runtime in clusters.values()
+            if runtime.cluster.load_balancing.policy == RING_HASH
+        }
+
     def route(self, request: HttpRequest | None) -> Route:
-        """The first route whose match holds (None, for TCP: the first route)."""
-        raise NotImplementedError
+        """The first route whose match holds (None, for TCP: the first route). When
+        none holds, the last route (the agent always ends with a catch-all)."""
+        matchers = self._matchers
+        if request is None:
+            return matchers[0][0]
+        for route, match in matchers:
+            if match is None or match.matches(request):
+                return route
+        return matchers[-1][0]
 
     def split(self, route: Route) -> ClusterRuntime:
         """A cluster for one request (or TCP connection) by the route's weights."""
-        raise NotImplementedError
+        split = self._splits.get(id(route))
+        if split is None or split.route is not route:
+            split = _Split(route, self.clusters)  # a route from elsewhere: slow path
+        if split.single is not None:
+            return split.single
+        point = self._random() * split.total
+        return split.clusters[bisect_right(split.cumulative, point, 0, split.last)]
 
     def resolve(self, cluster: ClusterRuntime) -> ClusterRuntime | None:
         """``cluster`` when it has endpoints, else its first failover cluster that
         has; None when no cluster in the chain has an endpoint."""
-        raise NotImplementedError
+        return cluster.failover_target
 
     def hash_key(
         self, cluster: ClusterRuntime, request: HttpRequest | None, source_ip: str
     ) -> int | None:
         """ring_hash: the hash of the first ``hash_on`` item present; None otherwise."""
-        raise NotImplementedError
+        hash_on = self._hash_on.get(id(cluster))
+        if not hash_on:
+            return None
+        for kind, name in hash_on:
+            value: str | None = None
+            if kind == "source_ip":
+                value = source_ip or None
+            elif request is None:
+                continue
+            elif kind == "header":
+                value = request.headers.get(name)
+            elif kind == "query":
+                value = request.query.get(name)
+            else:
+                header = request.headers.get("cookie")
+                value = _cookie(header, name) if header else None
+            if value is not None:
+                return stable_hash(value)
+        return None
+
+
+def _budget_settings(upstream: Upstream, cluster: str) -> tuple[float, int]:
+    """The retry budget for ``cluster``: that of the first route sending to it whose
+    retry policy retries (a cluster shared by routes with different budgets gets the
+    first one's); Envoy's 20 % / 3 when none does."""
+    for route in upstream.routes:
+        if route.retry.num_retries > 0 and any(s.cluster == cluster for s in route.splits):
+            return (route.retry.budget_percent, route.retry.min_retry_concurrency)
+    return (DEFAULT_BUDGET_PERCENT, DEFAULT_MIN_RETRY_CONCURRENCY)
+
+
+def _failover(
+    runtime: ClusterRuntime, clusters: Mapping[str, ClusterRuntime]
+) -> ClusterRuntime | None:
+    if runtime.has_endpoints():
+        return runtime
+    for name in runtime.cluster.failover:
+        other = clusters.get(name)
+        if other is not None and other.has_endpoints():
+            return other
+    return None
+
+
+# -------------------------------------------------------------------------- compiled
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +712,46 @@ class Compiled:
     upstreams: Mapping[tuple[str, int], UpstreamRuntime]
     """By listener address (host, port)."""
 
+    def clusters(self) -> Iterator[tuple[UpstreamRuntime, ClusterRuntime]]:
+        """Every cluster of every upstream, with its upstream."""
+        for upstream in self.upstreams.values():
+            for cluster in upstream.clusters.values():
+                yield upstream, cluster
+
+    def timer(self) -> float | None:
+        """The earliest ``ClusterRuntime.timer()`` of all clusters: the worker's one
+        timer for outlier returns."""
+        due = [t for _, c in self.clusters() if (t := c.timer()) is not None]
+        return min(due) if due else None
+
+    def handle_timer(self, now: float) -> None:
+        for _, cluster in self.clusters():
+            cluster.handle_timer(now)
+
+    def take_events(self) -> list[tuple[UpstreamRuntime, ClusterRuntime, OutlierEvent]]:
+        """``ClusterRuntime.take_events`` of every cluster, with where they happened."""
+        return [
+            (upstream, cluster, event)
+            for upstream, cluster in self.clusters()
+            for event in cluster.take_events()
+        ]
+
 
 def compile_snapshot(snapshot: Snapshot, previous: Compiled | None, rng: Random) -> Compiled:
-    """``snapshot`` compiled, carrying state over from ``previous`` (see module doc)."""
-    raise NotImplementedError
+    """``snapshot`` compiled, carrying state over from ``previous`` (see module doc).
+
+    Raises ``LocalProtocolError`` for values the cores refuse (a rate of 0, a
+    burst < 1, an unknown policy); the worker then keeps the snapshot it has."""
+    inbound = None
+    if snapshot.inbound is not None:
+        inbound = InboundRuntime(
+            snapshot.inbound,
+            snapshot.trust_domain,
+            previous.inbound if previous is not None else None,
+        )
+    upstreams: dict[tuple[str, int], UpstreamRuntime] = {}
+    for upstream in snapshot.upstreams:
+        address = (upstream.host, upstream.port)
+        old = previous.upstreams.get(address) if previous is not None else None
+        upstreams[address] = UpstreamRuntime(upstream, rng, old)
+    return Compiled(snapshot, inbound, upstreams)
