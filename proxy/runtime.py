@@ -43,6 +43,7 @@ the same, else the object is new — a changed limit is a new limit):
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
@@ -76,8 +77,10 @@ from proxy.snapshot import (
     IntentionRule,
     LocalService,
     RateLimit,
+    RetryPolicy,
     Route,
     Snapshot,
+    SnapshotError,
     Upstream,
 )
 
@@ -85,6 +88,7 @@ if TYPE_CHECKING:
     from random import Random
 
 __all__ = [
+    "MAX_REMEMBERED_PEERS",
     "MAX_SOURCE_BUCKETS",
     "ClusterRuntime",
     "Compiled",
@@ -92,6 +96,7 @@ __all__ = [
     "OutlierEvent",
     "UpstreamRuntime",
     "Verdict",
+    "check_values",
     "compile_snapshot",
     "source_service",
 ]
@@ -105,6 +110,11 @@ __all__ = [
 #: used bucket goes first. An evicted source starts again with a full bucket — the
 #: same as a source idle for ``burst / rate`` seconds, which an LRU victim usually is.
 MAX_SOURCE_BUCKETS: Final = 4096
+
+#: Peer SPIFFE IDs whose service name ``InboundRuntime.source`` remembers; the map is
+#: emptied when full. Peers are workloads with certificates from our CA (a bounded
+#: set); the bound is for a CA that issues many short-lived distinct IDs.
+MAX_REMEMBERED_PEERS: Final = 4096
 
 OutlierEvent: TypeAlias = "EndpointEjected[Endpoint] | EndpointReturned[Endpoint]"
 
@@ -201,6 +211,7 @@ class InboundRuntime:
         "_intentions",
         "_max_source_buckets",
         "_source_buckets",
+        "_sources",
         "inbound",
         "trust_domain",
     )
@@ -218,6 +229,7 @@ class InboundRuntime:
     ) -> None:
         self.inbound = inbound
         self.trust_domain = trust_domain
+        self._sources: dict[str, str] = {}
         self._max_source_buckets = max_source_buckets
         self._intentions = {name: _Intentions(s) for name, s in inbound.services.items()}
         self._buckets: dict[str, TokenBucket] = {}
@@ -264,6 +276,19 @@ class InboundRuntime:
 
     # ------------------------------------------------------------------ intentions
 
+    def source(self, peer_id: str | None) -> str:
+        """``source_service(peer_id, trust_domain)``, remembered: a peer presents the
+        same ID on every connection, and parsing it is most of an authorization."""
+        if not peer_id:
+            return ""
+        sources = self._sources
+        source = sources.get(peer_id)
+        if source is None:
+            if len(sources) >= MAX_REMEMBERED_PEERS:
+                sources.clear()
+            source = sources[peer_id] = source_service(peer_id, self.trust_domain)
+        return source
+
     def rule(self, source: str, service: str) -> IntentionRule | None:
         """The intention that decides for ``source`` (a service name, "" for none)
         calling ``service``; None when none matches (the default applies)."""
@@ -279,7 +304,7 @@ class InboundRuntime:
         intentions = self._intentions.get(service)
         if intentions is None:
             return _UNKNOWN_SERVICE
-        rule = intentions.rule(source_service(peer_id, self.trust_domain))
+        rule = intentions.rule(self.source(peer_id))
         if rule is None:
             return intentions.default
         return Verdict(rule.action != "deny", rule.name)
@@ -291,7 +316,7 @@ class InboundRuntime:
         intentions = self._intentions.get(service)
         if intentions is None:
             return _UNKNOWN_SERVICE
-        rule = intentions.rule(source_service(peer_id, self.trust_domain))
+        rule = intentions.rule(self.source(peer_id))
         if rule is None:
             return intentions.default
         if rule.action:
@@ -312,19 +337,15 @@ class InboundRuntime:
         request would pass both."""
         destination = self._buckets.get(service)
         per_source = self._source_bucket(source, service)
-        if destination is None and per_source is None:
-            return 0.0
-        wait = 0.0
-        if destination is not None:
-            wait = _wait(destination, now)
-        if per_source is not None:
-            wait = max(wait, _wait(per_source, now))
+        if per_source is None:
+            return destination.try_take(now) if destination is not None else 0.0
+        if destination is None:
+            return per_source.try_take(now)
+        wait = max(_wait(destination, now), _wait(per_source, now))
         if wait > 0.0:
             return wait
-        if destination is not None:
-            destination.try_take(now)
-        if per_source is not None:
-            per_source.try_take(now)
+        destination.try_take(now)
+        per_source.try_take(now)
         return 0.0
 
     def _source_bucket(self, source: str, service: str) -> TokenBucket | None:
@@ -702,6 +723,66 @@ def _failover(
     return None
 
 
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_rate(limit: RateLimit | None, path: str) -> None:
+    if limit is None:
+        return
+    if not (0.0 < limit.requests_per_second < math.inf):
+        raise SnapshotError(f"{path}.requests_per_second: must be a positive number")
+    if not (1.0 <= limit.burst < math.inf):
+        raise SnapshotError(f"{path}.burst: must be at least 1")
+
+
+def _check_cluster(cluster: Cluster, path: str) -> None:
+    limits = cluster.limits
+    for name in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
+        if getattr(limits, name) < 0:
+            raise SnapshotError(f"{path}.limits.{name}: must be ≥ 0")
+    outlier = cluster.outlier
+    if outlier is None:
+        return
+    if outlier.consecutive_5xx < 0 or outlier.consecutive_gateway_failure < 0:
+        raise SnapshotError(f"{path}.outlier: consecutive thresholds must be ≥ 0")
+    if not (outlier.interval > 0 and outlier.base_ejection_time > 0):
+        raise SnapshotError(f"{path}.outlier: interval and base_ejection_time must be > 0")
+    if not 0 <= outlier.max_ejection_percent <= 100:
+        raise SnapshotError(f"{path}.outlier.max_ejection_percent: must be in [0, 100]")
+
+
+def _check_retry(retry: RetryPolicy, path: str) -> None:
+    if not 0.0 <= retry.budget_percent <= 100.0:
+        raise SnapshotError(f"{path}.budget_percent: must be in [0, 100]")
+    if retry.min_retry_concurrency < 0:
+        raise SnapshotError(f"{path}.min_retry_concurrency: must be ≥ 0")
+
+
+def check_values(snapshot: Snapshot) -> None:
+    """Raise :class:`SnapshotError` for values ``proxy.resilience`` would refuse
+    (``proxy.snapshot.check`` covers references; this covers numbers)."""
+    if snapshot.inbound is not None:
+        for name, service in snapshot.inbound.services.items():
+            where = f"inbound.services.{name}"
+            _check_rate(service.rate_limit, f"{where}.rate_limit")
+            _check_rate(service.rate_limit_per_source, f"{where}.rate_limit_per_source")
+    for i, upstream in enumerate(snapshot.upstreams):
+        where = f"upstreams[{i}]"
+        if not upstream.routes:
+            raise SnapshotError(f"{where}.routes: at least one route is needed")
+        for name, cluster in upstream.clusters.items():
+            _check_cluster(cluster, f"{where}.clusters.{name}")
+        for j, route in enumerate(upstream.routes):
+            _check_retry(route.retry, f"{where}.routes[{j}].retry")
+            if not route.splits:
+                raise SnapshotError(f"{where}.routes[{j}].splits: at least one split is needed")
+            for split in route.splits:
+                if split.cluster not in upstream.clusters:
+                    raise SnapshotError(
+                        f"{where}.routes[{j}].splits: unknown cluster {split.cluster!r}"
+                    )
+
+
 # -------------------------------------------------------------------------- compiled
 
 
@@ -740,8 +821,10 @@ class Compiled:
 def compile_snapshot(snapshot: Snapshot, previous: Compiled | None, rng: Random) -> Compiled:
     """``snapshot`` compiled, carrying state over from ``previous`` (see module doc).
 
-    Raises ``LocalProtocolError`` for values the cores refuse (a rate of 0, a
-    burst < 1, an unknown policy); the worker then keeps the snapshot it has."""
+    Raises :class:`SnapshotError`, naming the path, for values the cores refuse (a
+    rate of 0, a burst < 1, an ejection percent over 100...), before anything of
+    ``previous`` is touched: the worker then keeps the snapshot it has."""
+    check_values(snapshot)
     inbound = None
     if snapshot.inbound is not None:
         inbound = InboundRuntime(

@@ -6,6 +6,7 @@ and seeded RNGs."""
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping
 
@@ -40,6 +41,7 @@ from proxy.snapshot import (
     RetryPolicy,
     Route,
     Snapshot,
+    SnapshotError,
     SplitTarget,
     Upstream,
 )
@@ -605,3 +607,55 @@ def test_pick_avoids_excluded_and_ejected_unless_all_are_ejected(
         else:
             assert picked is not None
             assert picked not in avoid
+
+
+# ------------------------------------------------------------------------ bad values
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "path"),
+    [
+        (
+            inbound_snapshot(local(rate_limit=RateLimit(0.0, 5))),
+            "inbound.services.api.rate_limit.requests_per_second",
+        ),
+        (
+            inbound_snapshot(local(rate_limit_per_source=RateLimit(1.0, 0.5))),
+            "inbound.services.api.rate_limit_per_source.burst",
+        ),
+        (
+            upstream_snapshot({"api": cluster("api", outlier=Outlier(max_ejection_percent=101))}),
+            "upstreams[0].clusters.api.outlier.max_ejection_percent",
+        ),
+        (
+            upstream_snapshot(
+                {"api": cluster("api")},
+                (Route("r", (SplitTarget(10_000, "api"),), retry=RetryPolicy(budget_percent=-1)),),
+            ),
+            "upstreams[0].routes[0].retry.budget_percent",
+        ),
+    ],
+)
+def test_values_the_cores_refuse_are_a_snapshot_error_naming_the_path(
+    snapshot: Snapshot, path: str
+) -> None:
+    with pytest.raises(SnapshotError, match=re.escape(path)):
+        compile_snapshot(snapshot, None, random.Random(0))
+
+
+def test_a_refused_snapshot_leaves_the_previous_state_alone() -> None:
+    outlier = Outlier(consecutive_5xx=1, max_ejection_percent=100)
+    first = compile_snapshot(
+        upstream_snapshot({"api": cluster("api", 3, outlier=outlier)}), None, random.Random(0)
+    )
+    api = upstream_of(first).clusters["api"]
+    ejected = endpoints(3, "api")[0]
+    fail(api, ejected, 1, 0.0)
+    bad = upstream_snapshot(
+        {"api": cluster("api", 1, outlier=outlier, limits=Limits(max_requests=-1))}, version=2
+    )
+    with pytest.raises(SnapshotError):
+        compile_snapshot(bad, first, random.Random(0))
+    assert api.outlier is not None
+    assert api.outlier.endpoints == set(endpoints(3, "api"))
+    assert api.outlier.ejected(1.0) == {ejected}
