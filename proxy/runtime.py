@@ -31,14 +31,20 @@ the same, else the object is new — a changed limit is a new limit):
 * the (source, service) buckets: same ``rate_limit_per_source``;
 * per cluster, keyed by (upstream listener address, cluster name): the circuit
   breaker (same ``Limits``), the retry budget (same percent and minimum), the outlier
-  detector (same ``Outlier``; it is told the new endpoints with ``set_endpoints``, so
-  removed endpoints are forgotten and kept ones keep their ejections), the
+  detector (same ``Outlier``; it is told the new endpoints with ``set_endpoints`` when
+  the new runtime is first used, so removed endpoints are forgotten and kept ones keep
+  their ejections), the
   least-request ``active`` map (always: it counts real requests in flight), and the
   balancer itself when endpoints and load-balancing settings are unchanged (so round
   robin continues where it was). A *new* breaker or budget starts at zero: requests in
   flight under the old snapshot release on the ``ClusterRuntime`` they started on
   (the data path keeps a reference to it), so counts never go negative; for the time
   those requests drain, the new limit does not see them.
+
+Compiling changes nothing in ``previous``: the worker compiles, then builds TLS
+contexts and binds ports, and a failure there must leave the serving snapshot as it
+was. Values the cores would refuse are found first (:func:`check_values`) and raised
+as a :class:`proxy.snapshot.SnapshotError` naming the path.
 """
 
 from __future__ import annotations
@@ -101,14 +107,11 @@ __all__ = [
     "source_service",
 ]
 
-#: Outcomes reported to ``ClusterRuntime.record`` besides HTTP statuses are
-#: ``proxy.resilience``'s ``CONNECT_FAILED``/``TIMEOUT``/``RESET``.
-
-#: Per-(source, service) token buckets kept at most. Sources are services of the mesh
-#: (a bounded set in practice) plus "" for peers without a service ID, but a bucket is
-#: made on a caller's first request, so the map is bounded anyway; the least recently
-#: used bucket goes first. An evicted source starts again with a full bucket — the
-#: same as a source idle for ``burst / rate`` seconds, which an LRU victim usually is.
+#: Per-(source, service) token buckets kept at most, the least recently used evicted
+#: first. Sources are the mesh's services plus "" (peers without a service ID), so
+#: few in practice; the bound is for a mesh with very many, since a bucket is made at
+#: a source's first request. An evicted source starts again with a full bucket — as a
+#: source idle for ``burst / rate`` seconds would, which an LRU victim usually is.
 MAX_SOURCE_BUCKETS: Final = 4096
 
 #: Peer SPIFFE IDs whose service name ``InboundRuntime.source`` remembers; the map is
@@ -388,20 +391,20 @@ class ClusterRuntime:
         "_all",
         "_balancer",
         "_count",
+        "_detector",
         "_has_endpoints",
+        "_unsynced",
         "active",
         "breaker",
         "budget",
         "budget_settings",
         "cluster",
         "failover_target",
-        "outlier",
     )
 
     cluster: Cluster
     breaker: CircuitBreaker
     budget: RetryBudget
-    outlier: OutlierDetector[Endpoint] | None
     active: dict[Endpoint, int]
     """Requests in flight per endpoint (least_request reads it; the data path adds
     and removes, e.g. with ``request_started``/``request_finished``)."""
@@ -431,7 +434,7 @@ class ClusterRuntime:
             if previous is not None and previous.budget_settings == self.budget_settings
             else RetryBudget(budget_percent, min_retry_concurrency)
         )
-        self.outlier = self._outlier(cluster, endpoints, previous, rng)
+        self._detector, self._unsynced = self._outlier(cluster, endpoints, previous, rng)
         self._balancer = self._build_balancer(cluster, endpoints, previous, rng)
 
     @staticmethod
@@ -452,18 +455,19 @@ class ClusterRuntime:
         endpoints: tuple[Endpoint, ...],
         previous: ClusterRuntime | None,
         rng: Random,
-    ) -> OutlierDetector[Endpoint] | None:
+    ) -> tuple[OutlierDetector[Endpoint] | None, tuple[Endpoint, ...] | None]:
+        """The detector, and the endpoints it must still be told (when it is the
+        previous snapshot's, told at first use: see ``outlier``)."""
         settings = cluster.outlier
         if settings is None:
-            return None
+            return None, None
         if (
             previous is not None
-            and previous.outlier is not None
+            and previous._detector is not None
             and previous.cluster.outlier == settings
         ):
-            previous.outlier.set_endpoints(endpoints)
-            return previous.outlier
-        return OutlierDetector(
+            return previous._detector, endpoints
+        detector: OutlierDetector[Endpoint] = OutlierDetector(
             endpoints,
             consecutive_5xx=settings.consecutive_5xx,
             consecutive_gateway_failure=settings.consecutive_gateway_failure,
@@ -473,6 +477,25 @@ class ClusterRuntime:
             always_eject_one_host=settings.always_eject_one_host,
             rng=rng,
         )
+        return detector, None
+
+    @property
+    def outlier(self) -> OutlierDetector[Endpoint] | None:
+        """The outlier detector, None when the cluster has no outlier detection.
+
+        It is the previous snapshot's detector when the settings did not change, and
+        it learns this snapshot's endpoints (``set_endpoints``) at the first use of
+        this ``ClusterRuntime``, not at compile time: a snapshot that is compiled and
+        then refused (a bad certificate, a port in use) leaves the one serving as it
+        was."""
+        if self._unsynced is not None:
+            self._sync_outlier()
+        return self._detector
+
+    def _sync_outlier(self) -> None:
+        if self._detector is not None and self._unsynced is not None:
+            self._detector.set_endpoints(self._unsynced)
+        self._unsynced = None
 
     def _build_balancer(
         self,
@@ -510,8 +533,10 @@ class ClusterRuntime:
         """An endpoint that is neither ejected nor in ``exclude``; None when none is.
         (When every endpoint is ejected, an ejected one is still better than none:
         falls back to ignoring ejections, as Envoy's panic threshold does.)"""
-        outlier = self.outlier
+        outlier = self._detector
         if outlier is not None:
+            if self._unsynced is not None:
+                self._sync_outlier()
             ejected = outlier.ejected(now)
             if ejected and not (len(ejected) >= self._count and self._all <= ejected):
                 return self._balancer.pick(ejected.union(exclude) if exclude else ejected, hash_key)
@@ -543,16 +568,21 @@ class ClusterRuntime:
     def record(self, endpoint: Endpoint, outcome: int, now: float) -> None:
         """An exchange's outcome for outlier detection: an HTTP status, or 200 for
         a TCP connection made, or ``CONNECT_FAILED``/``TIMEOUT``/``RESET``."""
-        if self.outlier is not None:
-            self.outlier.record(endpoint, outcome, now)
+        outlier = self._detector
+        if outlier is not None:
+            if self._unsynced is not None:
+                self._sync_outlier()
+            outlier.record(endpoint, outcome, now)
 
     def timer(self) -> float | None:
         """When ``handle_timer`` is due next (outlier returns), loop time."""
-        return self.outlier.get_timer() if self.outlier is not None else None
+        outlier = self.outlier
+        return outlier.get_timer() if outlier is not None else None
 
     def handle_timer(self, now: float) -> None:
-        if self.outlier is not None:
-            self.outlier.handle_timer(now)
+        outlier = self.outlier
+        if outlier is not None:
+            outlier.handle_timer(now)
 
     def take_events(self) -> list[OutlierEvent]:
         """The outlier detector's ``EndpointEjected``/``EndpointReturned`` events since

@@ -659,3 +659,23 @@ def test_a_refused_snapshot_leaves_the_previous_state_alone() -> None:
     assert api.outlier is not None
     assert api.outlier.endpoints == set(endpoints(3, "api"))
     assert api.outlier.ejected(1.0) == {ejected}
+
+
+def test_compiling_changes_nothing_the_serving_snapshot_uses() -> None:
+    """The worker compiles, then builds TLS contexts and binds ports; a failure there
+    refuses the snapshot, and the previous one must serve on as it was."""
+    outlier = Outlier(consecutive_5xx=1, max_ejection_percent=100)
+    first = compile_snapshot(
+        upstream_snapshot({"api": cluster("api", 3, outlier=outlier)}), None, random.Random(0)
+    )
+    api = upstream_of(first).clusters["api"]
+    three = endpoints(3, "api")
+    fail(api, three[2], 1, 0.0)
+    smaller = upstream_snapshot({"api": cluster("api", 1, outlier=outlier)}, version=2)
+    second = compile_snapshot(smaller, first, random.Random(0))  # then refused
+    assert api.outlier is not None
+    assert api.outlier.endpoints == set(three)
+    assert api.outlier.ejected(1.0) == {three[2]}
+    # Once the new runtime is used, the shared detector follows it.
+    assert upstream_of(second).clusters["api"].pick(1.0) == three[0]
+    assert api.outlier.endpoints == {three[0]}
