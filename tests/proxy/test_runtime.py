@@ -679,3 +679,38 @@ def test_compiling_changes_nothing_the_serving_snapshot_uses() -> None:
     # Once the new runtime is used, the shared detector follows it.
     assert upstream_of(second).clusters["api"].pick(1.0) == three[0]
     assert api.outlier.endpoints == {three[0]}
+
+
+def reference_verdict(service: LocalService, source: str) -> Verdict:
+    """Consul's rule, written the slow way: the first rule naming the source or ``*``."""
+    for rule in service.intentions:
+        if rule.source == "*" or (source and rule.source == source):
+            return Verdict(rule.action != "deny", rule.name)
+    return Verdict(
+        service.default_allow, "default allow" if service.default_allow else "default deny"
+    )
+
+
+SOURCES = ("web", "db", "ops", "*")
+
+
+@PROPERTY
+@given(
+    rules=st.lists(
+        st.tuples(st.sampled_from(SOURCES), st.sampled_from(["allow", "deny", ""])), max_size=6
+    ),
+    default_allow=st.booleans(),
+    peer=st.sampled_from([*SOURCES[:3], "other", None]),
+)
+def test_precomputed_intentions_agree_with_a_linear_scan(
+    rules: list[tuple[str, str]], default_allow: bool, peer: str | None
+) -> None:
+    intentions = tuple(
+        IntentionRule(source, action, f"rule{i}")  # type: ignore[arg-type]
+        for i, (source, action) in enumerate(rules)
+    )
+    service = local(intentions=intentions, default_allow=default_allow)
+    runtime = inbound_runtime(service)
+    peer_id = spiffe(peer) if peer is not None else None
+    expected = reference_verdict(service, peer or "")
+    assert runtime.authorize_connection(peer_id, "api") == expected
