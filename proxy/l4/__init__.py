@@ -4,20 +4,16 @@ layering rule (tests/test_layering.py) lets only adapter files (``transport.py``
 
 from proxy.l4.transport import (
     Counters,
+    HttpHandoff,
     InboundListener,
-    InboundSettings,
-    LocalService,
     OutboundListener,
-    OutboundSettings,
     WrongIdentity,
 )
 
 __all__ = [
     "Counters",
+    "HttpHandoff",
     "InboundListener",
-    "InboundSettings",
-    "LocalService",
     "OutboundListener",
-    "OutboundSettings",
     "WrongIdentity",
 ]

@@ -1,4 +1,5 @@
-"""The L4 (TCP) mTLS data path: inbound and outbound listeners that splice bytes.
+"""The L4 (TCP) mTLS data path: inbound and outbound listeners that splice bytes,
+asking the compiled snapshot (``proxy.runtime``) what to do with each connection.
 
 Theory of operation
 -------------------
@@ -18,6 +19,9 @@ the proxy opened). Bytes read on one side are written to the other, untouched:
 * **One write per read, no copy**: a TLS read is written as a ``memoryview`` of the
   shared buffer. A transport that could not send it all keeps a reference to it, so
   in that case (and only then) the listener takes a fresh buffer.
+* **Per read, two attribute updates**: the link's byte count and the loop time of
+  its last read. Everything else (telemetry, access log, breaker and outlier
+  bookkeeping) happens once per connection, when it opens and when it closes.
 * **Backpressure**: when a side's transport buffers more than its high-water mark
   it calls ``pause_writing`` on its protocol, which pauses *reading* on the other
   side; ``resume_writing`` resumes it. Memory per connection stays bounded by the
@@ -33,27 +37,38 @@ the proxy opened). Bytes read on one side are written to the other, untouched:
   link re-arms itself to ``last + idle_timeout`` and closes the link when it fires
   with nothing read in between.
 
-An :class:`InboundListener` serves mTLS: the handshake (client certificate
-required, SNI selects the local service and its leaf, see ``proxy.tls``) is done by
-the loop; then the peer's SPIFFE ID and the service go to the injected
-``authorize``; a denial closes the connection, an allow connects to the service's
-local instance and splices.
+An :class:`InboundListener` serves mTLS on the host's port. The handshake (client
+certificate required, the SNI name switches to the context of the service it
+reaches, see ``proxy.tls``) is done by the loop; the SNI callback also notes the
+name on the ``SSLObject`` (per-instance names ``i<hex>.<service>`` share their
+service's context, so the context alone cannot say which target was asked for).
+Then, per connection, :class:`proxy.runtime.InboundRuntime` decides: the target of
+the SNI name, the intention check (a denial closes), and for an ``http`` service the
+connection is handed to the L7 handler (:class:`HttpHandoff`); for a ``tcp`` service
+the per-connection rate limit and ``max_connections``, then a local instance (round
+robin) is connected and spliced.
 
-An :class:`OutboundListener` serves plain TCP on loopback for one (source service,
-upstream): per connection it picks an endpoint with the injected ``pick(exclude)``
-(e.g. a ``proxy.balancer`` balancer), connects to it over mTLS with SNI = the
-upstream service, presenting the source service's leaf, checks the server's SPIFFE
-ID, and splices. A failed attempt (refused, timed out, TLS refused, wrong identity)
-is retried on an endpoint not tried yet, after ``proxy.resilience.backoff`` with
-jitter, up to ``max_attempts``.
+An :class:`OutboundListener` serves plain TCP on loopback for one upstream (source
+service → destination). Per connection, :class:`proxy.runtime.UpstreamRuntime` gives
+the first route, a split, the resolved cluster (failover when it has no endpoint),
+the circuit breaker's ``max_connections``, then an endpoint from the cluster's load
+balancer. The endpoint (another host's inbound port) is connected over mTLS with the
+endpoint's SNI, presenting the source service's leaf (session resumed per address
+and SNI, ``proxy.tls.ClientContexts``), and the server's SPIFFE ID must be the
+cluster's identity. A failed attempt (refused, timed out, TLS refused, wrong
+identity) is reported to the cluster's outlier detector and retried on an endpoint
+not tried yet, after ``proxy.resilience.backoff`` with jitter.
 
-Both take their settings as one frozen object (:class:`InboundSettings`,
-:class:`OutboundSettings`); ``update()`` swaps it in one assignment, so new
-connections use the new settings and open ones keep theirs.
+Both take their configuration as runtime objects plus TLS contexts; ``update()``
+swaps them in one assignment, so new connections use the new snapshot and open ones
+keep the objects they started with.
 
-Counters (:class:`Counters`) are plain integers, read with ``statistics()``; the
-agent exports them (Prometheus) and labels stay bounded (handshake failures by
-``proxy.tls.FAILURE_LABELS``).
+Telemetry (``proxy.telemetry.Telemetry``): connections opened/closed per (direction,
+source, destination), one ``request`` (status 0) with duration and bytes when a
+connection closes, handshake failures by reason, denials, rate limiting, breaker
+trips, retries, no endpoint; one access-log line per sampled connection. Each
+listener also keeps plain integer :class:`Counters` (``statistics()``) for tests and
+debugging.
 """
 
 from __future__ import annotations
@@ -63,12 +78,16 @@ import functools
 import logging
 import random
 import ssl
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 from proxy import tls
-from proxy.resilience import backoff
+from proxy.resilience import CONNECT_FAILED, MAX_CONNECTIONS, backoff
+from proxy.runtime import ClusterRuntime, InboundRuntime, UpstreamRuntime
+from proxy.snapshot import Endpoint, InboundTarget, LocalService
+from proxy.telemetry import AccessLogger, Direction, Telemetry
 
 log = logging.getLogger("proxy.l4")
 
@@ -81,18 +100,34 @@ READ_BUFFER_BYTES: Final = 64 * 1024
 #: keeps a fast sender going through a short stall without unbounded memory.
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
-DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-#: Envoy's TCP proxy default idle timeout (1 hour).
-DEFAULT_IDLE_TIMEOUT: Final = 3600.0
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: Connect attempts per outbound connection when the route's retry policy asks for
+#: fewer: a failed connect sent nothing, so trying another endpoint is always safe
+#: (Envoy's TCP proxy: ``max_connect_attempts``).
 DEFAULT_MAX_ATTEMPTS: Final = 3
 DEFAULT_BACKLOG: Final = 1024
 
+#: ``x-meshnode-error`` kinds used in access-log lines of TCP connections.
+ERROR_CONNECT_FAILURE: Final = "connect-failure"
+ERROR_NO_ENDPOINT: Final = "no-healthy-endpoint"
+ERROR_BREAKER: Final = "circuit-breaker"
+ERROR_LOCAL_UNAVAILABLE: Final = "local-unavailable"
+
 Address = tuple[str, int]
-Authorize = Callable[[str | None, str], tuple[bool, str]]
-"""``authorize(peer_spiffe_id, service) -> (allowed, reason)``: the intention check."""
-Pick = Callable[[Collection[Address]], Address | None]
-"""``pick(exclude) -> endpoint | None``: the load balancer, honouring ``exclude``."""
+
+
+class HttpHandoff(Protocol):
+    """What the inbound listener needs of the L7 handler (``proxy.l7``): take over
+    an authorized mTLS connection to an ``http`` service (it calls
+    ``transport.set_protocol`` itself)."""
+
+    def take_over(
+        self,
+        transport: asyncio.Transport,
+        service: LocalService,
+        target: InboundTarget,
+        peer_id: str | None,
+    ) -> None: ...
 
 
 # ---------------------------------------------------------------------------- counters
@@ -103,6 +138,7 @@ class Counters:
     """What one listener counted since it started. ``statistics()`` returns a copy."""
 
     connections_opened: int = 0
+    """Connections admitted (inbound: after the intention check and limits)."""
     connections_closed: int = 0
     bytes_received: int = 0
     """From downstream (the connecting client), forwarded upstream."""
@@ -112,12 +148,17 @@ class Counters:
     """By ``proxy.tls.FAILURE_LABELS``."""
     denied: int = 0
     """Inbound: connections the intention check refused."""
+    rate_limited: int = 0
+    """Inbound: connections refused by a rate limit or ``max_connections``."""
     unknown_service: int = 0
-    """Inbound: handshakes whose service left the configuration meanwhile."""
+    """Inbound: handshakes whose SNI target left the configuration meanwhile."""
+    handed_over: int = 0
+    """Inbound: connections given to the L7 handler."""
     connect_failures: int = 0
     """Attempts to reach an upstream that failed (each retry counts)."""
     no_endpoint: int = 0
-    """Connections closed because no endpoint could be reached."""
+    """Connections closed because no endpoint could be reached (or the breaker
+    refused)."""
     idle_timeouts: int = 0
     backpressure_pauses: int = 0
     """Times a side stopped reading because the other side's buffer was full."""
@@ -130,19 +171,9 @@ class Counters:
         self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
 
     def copy(self) -> Counters:
-        return Counters(
-            self.connections_opened,
-            self.connections_closed,
-            self.bytes_received,
-            self.bytes_sent,
-            dict(self.handshake_failures),
-            self.denied,
-            self.unknown_service,
-            self.connect_failures,
-            self.no_endpoint,
-            self.idle_timeouts,
-            self.backpressure_pauses,
-        )
+        copied = Counters(**{name: getattr(self, name) for name in self.__slots__})
+        copied.handshake_failures = dict(self.handshake_failures)
+        return copied
 
 
 # ---------------------------------------------------------------------------- splicing
@@ -189,9 +220,9 @@ class _Side(asyncio.BaseProtocol):
         link = self._link
         link.last_read = link.loop.time()
         if self._downstream:
-            link.counters.bytes_received += nbytes
+            link.bytes_in += nbytes
         else:
-            link.counters.bytes_sent += nbytes
+            link.bytes_out += nbytes
             if link.first_upstream_read is not None:
                 link.first_upstream_read()
 
@@ -254,7 +285,8 @@ class _TcpSide(_Side, asyncio.Protocol):
 
 class _Link:
     """A downstream and an upstream side spliced together, with the link's idle
-    timer and its share of the listener's counters."""
+    timer, its byte counts, and what its close must report (source, destination,
+    cluster and endpoint)."""
 
     __slots__ = (
         "_closed",
@@ -262,51 +294,89 @@ class _Link:
         "_held",
         "_idle_handle",
         "_on_close",
+        "admitted",
+        "attempts",
+        "breaker_cluster",
+        "bytes_in",
+        "bytes_out",
+        "cluster",
         "counters",
+        "destination",
         "downstream",
+        "endpoint",
+        "error",
         "first_upstream_read",
         "idle_timeout",
         "last_read",
         "loop",
+        "peer_id",
+        "route",
+        "service_slot",
+        "source",
+        "started",
         "task",
         "upstream",
+        "upstream_label",
     )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         counters: Counters,
-        idle_timeout: float | None,
         on_close: Callable[[_Link], None],
     ) -> None:
         self.loop = loop
         self.counters = counters
-        self.idle_timeout = idle_timeout
         self._on_close = on_close
         self.downstream: _Side | None = None
         self.upstream: _Side | None = None
         self.task: asyncio.Task[None] | None = None
         self.first_upstream_read: Callable[[], None] | None = None
         self.last_read = loop.time()
+        self.started = self.last_read
+        self.idle_timeout: float | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._eofs = 0
         self._held: list[tuple[_Side, bytes]] | None = None
         self._closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.admitted = False
+        """Counted as opened (so its close is counted too)."""
+        self.source = ""
+        self.destination = ""
+        self.peer_id = ""
+        self.route = ""
+        self.cluster = ""
+        self.upstream_label = ""
+        self.attempts = 0
+        self.error = ""
+        self.breaker_cluster: ClusterRuntime | None = None
+        """The cluster whose breaker counts this connection (released at close)."""
+        self.endpoint: Endpoint | None = None
+        """The endpoint whose ``active`` count includes this connection."""
+        self.service_slot: dict[str, int] | None = None
+        """Inbound: the per-service open-connection counts this one is part of."""
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def side_made(self, side: _Side) -> None:
         if side._downstream:
             self.downstream = side
-            self.counters.connections_opened += 1
-            if self.idle_timeout is not None:
-                self._idle_handle = self.loop.call_at(
-                    self.last_read + self.idle_timeout, self._check_idle
-                )
         else:
             self.upstream = side
             if self._closed and side.transport is not None:
                 side.transport.abort()  # the client left while we were connecting
+
+    def start_idle_timer(self, idle_timeout: float) -> None:
+        """Close the link after ``idle_timeout`` seconds without a read (0: never)."""
+        if idle_timeout > 0 and not self._closed:
+            self.idle_timeout = idle_timeout
+            self._idle_handle = self.loop.call_at(self.last_read + idle_timeout, self._check_idle)
 
     def splice(self) -> None:
         """Both sides are connected: start forwarding both ways."""
@@ -320,9 +390,9 @@ class _Link:
                 assert side.peer is not None
                 side.peer.write(data)
                 if side._downstream:
-                    self.counters.bytes_received += len(data)
+                    self.bytes_in += len(data)
                 else:
-                    self.counters.bytes_sent += len(data)
+                    self.bytes_out += len(data)
             self._held = None
         self.last_read = self.loop.time()
         downstream.transport.resume_reading()
@@ -369,8 +439,13 @@ class _Link:
         for side in (self.downstream, self.upstream):
             if side is not None and side.transport is not None:
                 side.transport.close()
-        if self.downstream is not None:
-            self.counters.connections_closed += 1
+        self._on_close(self)
+
+    def detach(self) -> None:
+        """Forget the link without closing its transport: the downstream connection
+        now belongs to another protocol (the L7 handler)."""
+        self._closed = True
+        self.downstream = None
         self._on_close(self)
 
     def abort(self) -> None:
@@ -392,15 +467,26 @@ class _Link:
 
 
 class _Listener:
-    """What both listeners share: the server, the links, the counters."""
+    """What both listeners share: the server, the links, counters and telemetry."""
 
-    def __init__(self, host: str, port: int) -> None:
+    _direction: Direction
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        telemetry: Telemetry | None,
+        access_log: AccessLogger | None,
+    ) -> None:
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._reads = _ReadBuffer()
         self._counters = Counters()
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.access_log = access_log
+        """Replaceable (the worker swaps it when the snapshot's access log changes)."""
 
     @property
     def address(self) -> Address:
@@ -411,16 +497,85 @@ class _Listener:
         return host, port
 
     def statistics(self) -> Counters:
-        return self._counters.copy()
+        counted = self._counters.copy()
+        for link in self._links:
+            counted.bytes_received += link.bytes_in
+            counted.bytes_sent += link.bytes_out
+        return counted
 
     @property
     def open_links(self) -> int:
         return len(self._links)
 
-    def _new_link(self, idle_timeout: float | None) -> _Link:
-        link = _Link(asyncio.get_running_loop(), self._counters, idle_timeout, self._links.discard)
+    def open_connections(self) -> int:
+        """Connections open now (the worker reports it and waits for it in tests)."""
+        return len(self._links)
+
+    def _new_link(self) -> _Link:
+        link = _Link(asyncio.get_running_loop(), self._counters, self._link_closed)
         self._links.add(link)
         return link
+
+    def _opened(self, link: _Link, source: str, destination: str) -> None:
+        """The link is a connection of ``source`` to ``destination`` from now on."""
+        link.admitted = True
+        link.source = source
+        link.destination = destination
+        self._counters.connections_opened += 1
+        self.telemetry.connection_opened(self._direction, source, destination)
+
+    def _link_closed(self, link: _Link) -> None:
+        """Once per link: forget it, and report it when it was a connection."""
+        self._links.discard(link)
+        counters = self._counters
+        counters.bytes_received += link.bytes_in
+        counters.bytes_sent += link.bytes_out
+        if link.breaker_cluster is not None:
+            link.breaker_cluster.breaker.connection_closed()
+            if link.endpoint is not None:
+                link.breaker_cluster.request_finished(link.endpoint)
+            link.breaker_cluster = None
+        if link.service_slot is not None:
+            link.service_slot[link.destination] -= 1
+            link.service_slot = None
+        if not link.admitted:
+            return
+        counters.connections_closed += 1
+        telemetry = self.telemetry
+        direction = self._direction
+        seconds = link.loop.time() - link.started
+        telemetry.connection_closed(direction, link.source, link.destination)
+        telemetry.request(
+            direction, link.source, link.destination, 0, seconds, link.bytes_in, link.bytes_out
+        )
+        access_log = self.access_log
+        if access_log is not None and access_log.sampled():
+            access_log.log(self._access_record(link, seconds))
+
+    def _access_record(self, link: _Link, seconds: float) -> dict[str, object]:
+        return {
+            "time": time.time(),
+            "direction": self._direction,
+            "source": link.source,
+            "source_id": link.peer_id,
+            "destination": link.destination,
+            "route": link.route,
+            "cluster": link.cluster,
+            "upstream": link.upstream_label,
+            "protocol": "tcp",
+            "method": "",
+            "path": "",
+            "status": 0,
+            "duration_ms": round(seconds * 1000.0, 3),
+            "bytes_in": link.bytes_in,
+            "bytes_out": link.bytes_out,
+            "attempts": link.attempts,
+            "error": link.error,
+        }
+
+    def _handshake_failed(self, reason: str) -> None:
+        self._counters.count_handshake_failure(reason)
+        self.telemetry.handshake_failure(self._direction, reason)
 
     async def _serve(
         self,
@@ -439,12 +594,14 @@ class _Listener:
             ssl_handshake_timeout=handshake_timeout,
         )
 
-    async def aclose(self) -> None:
-        """Stop accepting and drop every open connection."""
+    async def aclose(self, *, drain: bool = False) -> None:
+        """Stop accepting and drop every open connection; with ``drain``, leave
+        open connections to finish on their own."""
         if self._server is not None:
             self._server.close()
-        for link in list(self._links):
-            link.abort()
+        if not drain:
+            for link in list(self._links):
+                link.abort()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -453,105 +610,159 @@ class _Listener:
 # ---------------------------------------------------------------------------- inbound
 
 
-@dataclass(frozen=True, slots=True)
-class LocalService:
-    """A service this host's inbound port serves, chosen by SNI = ``name``."""
+class _SniSelector(tls.ServiceSelector):
+    """``tls.ServiceSelector`` that also notes the SNI name on the ``SSLObject``:
+    the listener needs the name itself (which target), not only its context."""
 
-    name: str
-    target: Address
-    """The local instance to forward to."""
-    context: ssl.SSLContext
-    """Its server context (``proxy.tls.server_context``: its leaf, the trust bundle)."""
+    def __call__(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> int | None:
+        refused = super().__call__(ssl_object, server_name, _)
+        if refused is None:
+            ssl_object.mesh_server_name = server_name  # type: ignore[union-attr]
+        return refused
 
 
-@dataclass(frozen=True, slots=True)
-class InboundSettings:
-    services: Mapping[str, LocalService]
-    """By name, which is also the SNI a client sends."""
-    authorize: Authorize
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
-    by_context: Mapping[int, LocalService] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        by_context = {id(service.context): service for service in self.services.values()}
-        object.__setattr__(self, "by_context", by_context)
+def _server_name(ssl_object: ssl.SSLObject | None) -> str | None:
+    name = getattr(ssl_object, "mesh_server_name", None)
+    return name if isinstance(name, str) else None
 
 
 class InboundListener(_Listener):
-    """The host's mTLS port. ``trust_bundle`` is only the base context's (which
-    presents nothing and is switched by SNI to a service's context); the roots that
-    verify clients are those of the service contexts in ``settings``."""
+    """The host's mTLS port (``runtime.inbound.host``/``port``).
+
+    ``contexts`` maps every SNI name of ``runtime.inbound.targets`` to the server
+    context of its service (that service's leaf; the trust bundle that verifies
+    clients). ``trust_bundle`` is only the base context's, which presents nothing and
+    is switched by SNI. ``http`` takes connections to ``http`` services; without it
+    they are closed."""
+
+    _direction: Direction = "inbound"
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        runtime: InboundRuntime,
+        contexts: Mapping[str, ssl.SSLContext],
         trust_bundle: Collection[str],
-        settings: InboundSettings,
+        telemetry: Telemetry | None = None,
+        access_log: AccessLogger | None = None,
         *,
+        http: HttpHandoff | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
-        super().__init__(host, port)
-        self._settings = settings
-        self._selector = tls.ServiceSelector(self._contexts(settings))
-        self._context = tls.listener_context(
-            trust_bundle, self._selector, self._counters.count_handshake_failure
-        )
+        super().__init__(runtime.inbound.host, runtime.inbound.port, telemetry, access_log)
+        self._runtime = runtime
+        self._selector = _SniSelector(contexts)
+        self._context = tls.listener_context(trust_bundle, self._selector, self._handshake_failed)
         self._handshake_timeout = handshake_timeout
+        self._per_service: dict[str, int] = {}
+        self.http = http
 
-    @staticmethod
-    def _contexts(settings: InboundSettings) -> dict[str, ssl.SSLContext]:
-        return {name: service.context for name, service in settings.services.items()}
+    @property
+    def runtime(self) -> InboundRuntime:
+        return self._runtime
 
-    def update(self, settings: InboundSettings) -> None:
+    def update(self, runtime: InboundRuntime, contexts: Mapping[str, ssl.SSLContext]) -> None:
         """New services, targets, certificates or intentions, for new connections."""
-        self._selector.update(self._contexts(settings))
-        self._settings = settings
+        self._selector.update(contexts)
+        self._runtime = runtime
 
     async def start(self) -> None:
         await self._serve(self._accepted, self._context, self._handshake_timeout)
 
     def _accepted(self) -> _Side:
-        link = self._new_link(self._settings.idle_timeout)
-        return _InboundDownstream(link, self._reads, self)
+        return _InboundDownstream(self._new_link(), self._reads, self)
 
-    def _admit(self, side: _Side) -> None:
-        """After the handshake: which service, who is calling, allowed or not."""
-        settings = self._settings
+    def _admit(self, side: _InboundDownstream, transport: asyncio.Transport) -> None:
+        """After the handshake: which target, who is calling, allowed or not."""
+        runtime = self._runtime
         link = side._link
-        transport = side.transport
-        assert transport is not None
         ssl_object = transport.get_extra_info("ssl_object")
-        service = settings.by_context.get(id(ssl_object.context)) if ssl_object else None
-        if service is None:
+        sni = _server_name(ssl_object)
+        target = runtime.target(sni) if sni is not None else None
+        service = runtime.service(target.service) if target is not None else None
+        if target is None or service is None:
             self._counters.unknown_service += 1
             link.close()
             return
         peer = tls.peer_spiffe_id(ssl_object)
-        allowed, reason = settings.authorize(peer, service.name)
-        if not allowed:
+        source = runtime.source(peer)
+        verdict = runtime.authorize_connection(peer, service.name)
+        if not verdict.allowed:
             self._counters.denied += 1
-            log.info("connection_denied peer=%s service=%s reason=%s", peer, service.name, reason)
+            self.telemetry.denied(source, service.name, "l4")
+            log.info(
+                "connection_denied peer=%s service=%s rule=%s", peer, service.name, verdict.rule
+            )
             link.close()
             return
+        if service.protocol == "http":
+            self._hand_over(link, transport, service, target, peer)
+            return
+        if not self._within_limits(link, runtime, source, service):
+            link.close()
+            return
+        link.peer_id = peer or ""
+        self._opened(link, source, service.name)
+        link.start_idle_timer(service.idle_timeout)
+        address = runtime.local_address(target)
+        link.upstream_label = f"{address[0]}:{address[1]}"
+        link.attempts = 1
         link.task = asyncio.get_running_loop().create_task(
-            self._connect(link, service.target, settings.connect_timeout)
+            self._connect(link, address, service.connect_timeout)
         )
+
+    def _within_limits(
+        self, link: _Link, runtime: InboundRuntime, source: str, service: LocalService
+    ) -> bool:
+        """The per-connection rate limit and ``max_connections`` of a tcp service;
+        takes a connection slot when it may go."""
+        name = service.name
+        if runtime.rate_limit(source, name, link.loop.time()) > 0:
+            self._counters.rate_limited += 1
+            self.telemetry.rate_limited(source, name)
+            return False
+        open_now = self._per_service.get(name, 0)
+        if service.max_connections and open_now >= service.max_connections:
+            self._counters.rate_limited += 1
+            self.telemetry.breaker_trip(name, "inbound", MAX_CONNECTIONS)
+            return False
+        self._per_service[name] = open_now + 1
+        link.service_slot = self._per_service
+        return True
+
+    def _hand_over(
+        self,
+        link: _Link,
+        transport: asyncio.Transport,
+        service: LocalService,
+        target: InboundTarget,
+        peer: str | None,
+    ) -> None:
+        http = self.http
+        if http is None:
+            log.warning("http_service_without_l7 service=%s", service.name)
+            link.close()
+            return
+        self._counters.handed_over += 1
+        link.detach()
+        http.take_over(transport, service, target, peer)
 
     async def _connect(self, link: _Link, target: Address, connect_timeout: float) -> None:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with asyncio.timeout(connect_timeout or None):
                 await loop.create_connection(
                     lambda: _TcpSide(link, self._reads, downstream=False), *target
                 )
         except (OSError, TimeoutError):
             self._counters.connect_failures += 1
             self._counters.no_endpoint += 1
+            self.telemetry.no_endpoint(link.source, link.destination)
+            link.error = ERROR_LOCAL_UNAVAILABLE
             link.close()
             return
-        if link.upstream is not None and not link._closed:
+        if link.upstream is not None and not link.closed:
             link.splice()
 
 
@@ -563,100 +774,179 @@ class _InboundDownstream(_TlsSide):
         self._listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._listener._admit(self)
+        # Called after the handshake. Not paused yet: an http connection is handed
+        # over as it is; a tcp one is paused until its upstream is connected.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self._link.side_made(self)
+        self._listener._admit(self, transport)
+        if not self._link.closed:
+            transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+            transport.pause_reading()
 
 
 # ---------------------------------------------------------------------------- outbound
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundSettings:
-    upstream: str
-    """The upstream service's name: the SNI sent to its endpoints' inbound ports."""
-    expected_identity: str
-    """The SPIFFE ID the server must present:
-    ``spiffe://<td>/ns/default/dc/<dc>/svc/<upstream>``."""
-    contexts: tls.ClientContexts
-    """The source service's client contexts (its leaf, the trust bundle)."""
-    pick: Pick
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    """Per attempt, TCP connect and TLS handshake together."""
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    backoff_base: float = 0.025
 
 
 class WrongIdentity(ssl.SSLError):
     """The server's certificate is valid but names another service."""
 
 
+@dataclass(frozen=True, slots=True)
+class _OutboundConfig:
+    runtime: UpstreamRuntime
+    contexts: tls.ClientContexts
+
+
 class OutboundListener(_Listener):
-    """A loopback port for one (source service, upstream)."""
+    """A loopback port (``runtime.upstream.host``/``port``) for one upstream: the
+    source service's connections to the destination's route chain. ``contexts`` are
+    the source service's client contexts (its leaf, the trust bundle)."""
+
+    _direction: Direction = "outbound"
 
     def __init__(
-        self, host: str, port: int, settings: OutboundSettings, *, rng: random.Random | None = None
+        self,
+        runtime: UpstreamRuntime,
+        contexts: tls.ClientContexts,
+        telemetry: Telemetry | None = None,
+        access_log: AccessLogger | None = None,
+        *,
+        rng: random.Random | None = None,
     ) -> None:
-        super().__init__(host, port)
-        self._settings = settings
+        upstream = runtime.upstream
+        super().__init__(upstream.host, upstream.port, telemetry, access_log)
+        self._config = _OutboundConfig(runtime, contexts)
         self._rng = rng or random.Random()
 
-    def update(self, settings: OutboundSettings) -> None:
-        """New endpoints, certificates or identity, for new connections."""
-        self._settings = settings
+    @property
+    def runtime(self) -> UpstreamRuntime:
+        return self._config.runtime
+
+    @property
+    def contexts(self) -> tls.ClientContexts:
+        return self._config.contexts
+
+    def update(self, runtime: UpstreamRuntime, contexts: tls.ClientContexts) -> None:
+        """New routes, endpoints, certificates or identities, for new connections."""
+        self._config = _OutboundConfig(runtime, contexts)
 
     async def start(self) -> None:
         await self._serve(self._accepted)
 
     def _accepted(self) -> _Side:
-        link = self._new_link(self._settings.idle_timeout)
-        return _OutboundDownstream(link, self._reads, self)
+        return _OutboundDownstream(self._new_link(), self._reads, self)
 
     def _connect_soon(self, link: _Link) -> None:
-        link.task = asyncio.get_running_loop().create_task(self._connect(link, self._settings))
+        config = self._config
+        upstream = config.runtime.upstream
+        self._opened(link, upstream.source, upstream.destination)
+        link.start_idle_timer(upstream.idle_timeout)
+        link.task = asyncio.get_running_loop().create_task(self._connect(link, config))
 
-    async def _connect(self, link: _Link, settings: OutboundSettings) -> None:
-        loop = asyncio.get_running_loop()
-        tried: set[Address] = set()
-        for attempt in range(settings.max_attempts):
+    def _refuse(self, link: _Link, error: str) -> None:
+        self._counters.no_endpoint += 1
+        link.error = error
+        link.close()
+
+    async def _connect(self, link: _Link, config: _OutboundConfig) -> None:
+        runtime = config.runtime
+        route = runtime.route(None)
+        link.route = route.name
+        cluster = runtime.resolve(runtime.split(route))
+        if cluster is None:
+            self.telemetry.no_endpoint(link.source, link.destination)
+            self._refuse(link, ERROR_NO_ENDPOINT)
+            return
+        name = cluster.cluster.name
+        link.cluster = name
+        breaker = cluster.breaker
+        limit = breaker.allow_connection()
+        if limit is not None:
+            self.telemetry.breaker_trip(link.destination, name, limit)
+            self._refuse(link, f"{ERROR_BREAKER}: {limit} ({name})")
+            return
+        breaker.connection_opened()
+        link.breaker_cluster = cluster
+        retry = route.retry
+        attempts = (
+            max(DEFAULT_MAX_ATTEMPTS, 1 + retry.num_retries) if retry.on_connect_failure else 1
+        )
+        hash_key = None
+        if cluster.cluster.load_balancing.policy == "ring_hash":
+            transport = link.downstream.transport if link.downstream is not None else None
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            hash_key = runtime.hash_key(cluster, None, str(peer[0]) if peer else "")
+        tried: set[Endpoint] = set()
+        for attempt in range(attempts):
             if attempt:
+                self.telemetry.retry(link.source, link.destination)
                 fraction = self._rng.random()
-                await asyncio.sleep(backoff(attempt, base=settings.backoff_base, fraction=fraction))
-            endpoint = settings.pick(tried)
+                await asyncio.sleep(
+                    backoff(
+                        attempt,
+                        base=retry.backoff_base,
+                        max_interval=max(retry.backoff_max, retry.backoff_base),
+                        fraction=fraction,
+                    )
+                )
+            endpoint = cluster.pick(link.loop.time(), tried, hash_key)
             if endpoint is None:
                 break
             tried.add(endpoint)
-            context = settings.contexts.context_for(endpoint, settings.upstream)
-            transport: asyncio.Transport | None = None
-            try:
-                async with asyncio.timeout(settings.connect_timeout):
-                    transport, _ = await loop.create_connection(
-                        lambda: _TlsSide(link, self._reads, downstream=False),
-                        *endpoint,
-                        ssl=context,
-                        server_hostname=settings.upstream,
-                        ssl_handshake_timeout=settings.connect_timeout,
-                    )
-                ssl_object = transport.get_extra_info("ssl_object")
-                if tls.peer_spiffe_id(ssl_object) != settings.expected_identity:
-                    self._counters.count_handshake_failure(tls.WRONG_IDENTITY)
-                    raise WrongIdentity("wrong server identity")
-            except (OSError, TimeoutError):
-                self._counters.connect_failures += 1
-                if transport is not None:
-                    link.upstream = None
-                    transport.abort()
-                continue
-            if link._closed:
-                transport.abort()
+            link.attempts = attempt + 1
+            if await self._attempt(link, config.contexts, cluster, endpoint):
                 return
-            link.first_upstream_read = functools.partial(
-                self._remember_session, link, context, ssl_object
-            )
-            link.splice()
-            return
-        self._counters.no_endpoint += 1
-        link.close()
+            if link.closed:
+                return
+        self.telemetry.no_endpoint(link.source, link.destination)
+        self._refuse(link, ERROR_CONNECT_FAILURE if tried else ERROR_NO_ENDPOINT)
+
+    async def _attempt(
+        self,
+        link: _Link,
+        contexts: tls.ClientContexts,
+        cluster: ClusterRuntime,
+        endpoint: Endpoint,
+    ) -> bool:
+        """One connection to ``endpoint``; True when the link is spliced (or gone)."""
+        loop = link.loop
+        address = (endpoint.host, endpoint.port)
+        context = contexts.context_for(address, endpoint.sni)
+        timeout = cluster.cluster.connect_timeout
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(timeout or None):
+                transport, _ = await loop.create_connection(
+                    lambda: _TlsSide(link, self._reads, downstream=False),
+                    *address,
+                    ssl=context,
+                    server_hostname=endpoint.sni,
+                    ssl_handshake_timeout=timeout or None,
+                )
+            ssl_object = transport.get_extra_info("ssl_object")
+            if tls.peer_spiffe_id(ssl_object) != cluster.cluster.identity:
+                self._handshake_failed(tls.WRONG_IDENTITY)
+                raise WrongIdentity("wrong server identity")
+        except (OSError, TimeoutError):
+            self._counters.connect_failures += 1
+            cluster.record(endpoint, CONNECT_FAILED, loop.time())
+            if transport is not None:
+                link.upstream = None
+                transport.abort()
+            return False
+        cluster.record(endpoint, 200, loop.time())
+        if link.closed:
+            transport.abort()
+            return True
+        cluster.request_started(endpoint)
+        link.endpoint = endpoint
+        link.upstream_label = f"{endpoint.host}:{endpoint.port}"
+        link.first_upstream_read = functools.partial(
+            self._remember_session, link, context, ssl_object
+        )
+        link.splice()
+        return True
 
     @staticmethod
     def _remember_session(link: _Link, context: tls.MeshContext, ssl_object: ssl.SSLObject) -> None:

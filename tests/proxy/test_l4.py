@@ -1,5 +1,7 @@
 """proxy.l4: client → outbound → mTLS → inbound → echo server, on 127.0.0.1 with real
-certificates; and the worker process (``python -m proxy``)."""
+certificates, configured from snapshots compiled by ``proxy.runtime`` (one snapshot
+per side, as two hosts would have). The snapshot builders here are shared with
+tests/proxy/test_worker.py."""
 
 from __future__ import annotations
 
@@ -8,34 +10,172 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import cast
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import pytest
 
-from proxy import tls
-from proxy.l4 import (
-    InboundListener,
-    InboundSettings,
+from proxy.dataplane import TlsMaterial
+from proxy.l4 import InboundListener, OutboundListener
+from proxy.l4.transport import Address
+from proxy.runtime import Compiled, compile_snapshot
+from proxy.snapshot import (
+    AccessLog,
+    Certificate,
+    Cluster,
+    Endpoint,
+    Inbound,
+    InboundTarget,
+    IntentionRule,
+    Limits,
     LocalService,
-    OutboundListener,
-    OutboundSettings,
+    RateLimit,
+    RetryPolicy,
+    Route,
+    Snapshot,
+    SplitTarget,
+    Upstream,
+    instance_sni,
 )
-from proxy.l4.transport import Address, Authorize
-from tests.proxy.test_tls import Pki, make_pki
+from proxy.telemetry import AccessLogger, Telemetry
+from tests.proxy.test_tls import Leaf, Pki, make_pki
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0
+ALLOW_WEB = IntentionRule("web", "allow", "web => api")
+DENY_WEB = IntentionRule("web", "deny", "web => api")
+INSTANCE = "api-1"
+
+
+@dataclass(frozen=True)
+class Leaves:
+    pki: Pki
+    api: Leaf
+    web: Leaf
+    db: Leaf
 
 
 @pytest.fixture(scope="module")
-def pki() -> Pki:
-    return make_pki("test.meshnode")
+def leaves() -> Leaves:
+    pki = make_pki("test.meshnode")
+    return Leaves(pki, pki.leaf("api"), pki.leaf("web"), pki.leaf("db"))
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+
+def certificate(leaf: Leaf) -> Certificate:
+    return Certificate(leaf.chain_pem, leaf.key_pem, leaf.spiffe_id)
+
+
+def inbound_snapshot(
+    leaves: Leaves,
+    backend: Address,
+    *,
+    port: int = 0,
+    version: int = 1,
+    intentions: tuple[IntentionRule, ...] = (ALLOW_WEB,),
+    leaf: Leaf | None = None,
+    access_log: AccessLog = AccessLog(path="off"),  # noqa: B008 -- frozen
+    **service: Any,
+) -> Snapshot:
+    """Host B: its inbound port serving ``api`` (SNI ``api`` and the instance's
+    ``i<hex>.api``) at ``backend``; ``service`` overrides ``LocalService`` fields."""
+    settings: dict[str, Any] = {"connect_timeout": 2.0, "idle_timeout": 60.0, **service}
+    local = LocalService("api", certificate(leaf or leaves.api), intentions=intentions, **settings)
+    target = InboundTarget("api", (backend,))
+    targets = {"api": target, instance_sni("api", INSTANCE): target}
+    return Snapshot(
+        version,
+        leaves.pki.trust_domain,
+        (leaves.pki.root_pem,),
+        inbound=Inbound("127.0.0.1", port, {"api": local}, targets),
+        access_log=access_log,
+    )
+
+
+def outbound_snapshot(
+    leaves: Leaves,
+    endpoints: Sequence[Address],
+    *,
+    port: int = 0,
+    version: int = 1,
+    sni: str = "api",
+    idle: float = 60.0,
+    leaf: Leaf | None = None,
+    limits: Limits = Limits(),  # noqa: B008 -- frozen
+    protocol: str = "tcp",
+    access_log: AccessLog = AccessLog(path="off"),  # noqa: B008 -- frozen
+) -> Snapshot:
+    """Host A: one outbound listener, web → api, to ``endpoints`` (inbound ports)."""
+    identity = f"spiffe://{leaves.pki.trust_domain}/ns/default/dc/dc1/svc/api"
+    cluster = Cluster(
+        "api",
+        "api",
+        identity,
+        tuple(Endpoint(host, port_, sni) for host, port_ in endpoints),
+        limits=limits,
+        connect_timeout=2.0,
+    )
+    route = Route(
+        "api/default", (SplitTarget(10_000, "api"),), retry=RetryPolicy(backoff_base=0.001)
+    )
+    upstream = Upstream(
+        "web",
+        "api",
+        "127.0.0.1",
+        port,
+        certificate(leaf or leaves.web),
+        (route,),
+        {"api": cluster},
+        protocol,  # type: ignore[arg-type]
+        idle,
+    )
+    return Snapshot(
+        version,
+        leaves.pki.trust_domain,
+        (leaves.pki.root_pem,),
+        upstreams=(upstream,),
+        access_log=access_log,
+    )
+
+
+@dataclass
+class Side:
+    """A snapshot compiled with its TLS material, as the data plane keeps them."""
+
+    compiled: Compiled
+    material: TlsMaterial
+
+    @staticmethod
+    def of(snapshot: Snapshot, previous: Side | None = None) -> Side:
+        compiled = compile_snapshot(
+            snapshot, previous.compiled if previous else None, random.Random(5)
+        )
+        material = TlsMaterial.build(snapshot, previous.material if previous else None)
+        return Side(compiled, material)
+
+    @property
+    def upstream_address(self) -> Address:
+        return next(iter(self.compiled.upstreams))
+
+
+def make_inbound(side: Side, telemetry: Telemetry | None = None, **kw: Any) -> InboundListener:
+    assert side.compiled.inbound is not None
+    bundle = side.compiled.snapshot.trust_bundle
+    return InboundListener(side.compiled.inbound, side.material.sni, bundle, telemetry, **kw)
+
+
+def make_outbound(side: Side, telemetry: Telemetry | None = None, **kw: Any) -> OutboundListener:
+    address = side.upstream_address
+    runtime = side.compiled.upstreams[address]
+    return OutboundListener(
+        runtime, side.material.upstreams[address], telemetry, rng=random.Random(1), **kw
+    )
+
+
+# ---------------------------------------------------------------------------- servers
 
 
 class _Echo(asyncio.Protocol):
@@ -63,75 +203,69 @@ def port_of(server: asyncio.Server) -> int:
     return port
 
 
-def allow_all(peer: str | None, service: str) -> tuple[bool, str]:
-    return True, "test"
-
-
-def in_order(endpoints: Sequence[Address]) -> OrderedPicker:
-    return OrderedPicker(list(endpoints))
-
-
-@dataclass
-class OrderedPicker:
-    """The first endpoint not excluded (a deterministic balancer)."""
-
-    endpoints: list[Address]
-
-    def __call__(self, exclude: Collection[Address]) -> Address | None:
-        return next((e for e in self.endpoints if e not in exclude), None)
+def address_of(server: asyncio.Server) -> Address:
+    return "127.0.0.1", port_of(server)
 
 
 @dataclass
 class Mesh:
-    pki: Pki
+    leaves: Leaves
     inbound: InboundListener
     outbound: OutboundListener
     backend: asyncio.Server
+    inbound_side: Side
+    outbound_side: Side
+    telemetry_in: Telemetry
+    telemetry_out: Telemetry
 
-    def inbound_settings(
-        self, target: Address, authorize: Authorize = allow_all, idle: float | None = 60.0
-    ) -> InboundSettings:
-        return make_inbound_settings(self.pki, target, authorize, idle)
+    def set_inbound(self, snapshot: Snapshot) -> None:
+        self.inbound_side = Side.of(snapshot, self.inbound_side)
+        assert self.inbound_side.compiled.inbound is not None
+        self.inbound.update(self.inbound_side.compiled.inbound, self.inbound_side.material.sni)
+
+    def set_outbound(self, snapshot: Snapshot) -> None:
+        side = self.outbound_side = Side.of(snapshot, self.outbound_side)
+        address = side.upstream_address
+        self.outbound.update(side.compiled.upstreams[address], side.material.upstreams[address])
+
+    def outbound_to(self, endpoints: Sequence[Address], **kw: Any) -> Snapshot:
+        return outbound_snapshot(self.leaves, endpoints, **kw)
 
 
-def make_inbound_settings(
-    pki: Pki, target: Address, authorize: Authorize = allow_all, idle: float | None = 60.0
-) -> InboundSettings:
-    api = pki.leaf("api")
-    context = tls.server_context([pki.root_pem], api.chain_pem, api.key_pem)
-    return InboundSettings({"api": LocalService("api", target, context)}, authorize, 2.0, idle)
-
-
-def make_outbound_settings(
-    pki: Pki, endpoints: Sequence[Address], idle: float | None = 60.0, upstream: str = "api"
-) -> OutboundSettings:
-    web = pki.leaf("web")
-    return OutboundSettings(
-        upstream=upstream,
-        expected_identity=f"spiffe://{pki.trust_domain}/ns/default/dc/dc1/svc/api",
-        contexts=tls.ClientContexts([pki.root_pem], web.chain_pem, web.key_pem),
-        pick=in_order(endpoints),
-        connect_timeout=2.0,
-        idle_timeout=idle,
-        backoff_base=0.001,
+async def start_mesh(leaves: Leaves, *, inbound: Snapshot | None = None, **out: Any) -> Mesh:
+    backend = await echo_server()
+    inbound_side = Side.of(inbound or inbound_snapshot(leaves, address_of(backend)))
+    telemetry_in, telemetry_out = Telemetry(), Telemetry()
+    listener_in = make_inbound(inbound_side, telemetry_in)
+    await listener_in.start()
+    outbound_side = Side.of(outbound_snapshot(leaves, [listener_in.address], **out))
+    listener_out = make_outbound(outbound_side, telemetry_out)
+    await listener_out.start()
+    return Mesh(
+        leaves,
+        listener_in,
+        listener_out,
+        backend,
+        inbound_side,
+        outbound_side,
+        telemetry_in,
+        telemetry_out,
     )
+
+
+async def stop_mesh(mesh: Mesh) -> None:
+    await mesh.outbound.aclose()
+    await mesh.inbound.aclose()
+    mesh.backend.close()
 
 
 @pytest.fixture
-async def mesh(pki: Pki) -> AsyncIterator[Mesh]:
-    backend = await echo_server()
-    inbound = InboundListener(
-        "127.0.0.1", 0, [pki.root_pem], make_inbound_settings(pki, ("127.0.0.1", port_of(backend)))
-    )
-    await inbound.start()
-    outbound = OutboundListener("127.0.0.1", 0, make_outbound_settings(pki, [inbound.address]))
-    await outbound.start()
+async def mesh(leaves: Leaves) -> AsyncIterator[Mesh]:
+    started = await start_mesh(leaves)
     try:
-        yield Mesh(pki, inbound, outbound, backend)
+        yield started
     finally:
-        await outbound.aclose()
-        await inbound.aclose()
-        backend.close()
+        await stop_mesh(started)
 
 
 async def exchange(address: Address, payload: bytes) -> bytes:
@@ -150,6 +284,15 @@ async def assert_closed(reader: asyncio.StreamReader) -> None:
         assert await reader.read() == b""
 
 
+async def refused(address: Address, payload: bytes = b"hello") -> None:
+    """A connection through ``address`` is closed without an answer."""
+    async with asyncio.timeout(WAIT_S):
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(payload)
+        await assert_closed(reader)
+        writer.close()
+
+
 async def wait_for(condition: Callable[[], object], what: str) -> None:
     """Poll ``condition`` (a counter the proxy updates from its callbacks)."""
     try:
@@ -162,10 +305,25 @@ async def wait_for(condition: Callable[[], object], what: str) -> None:
         raise AssertionError(f"not {what} within {WAIT_S} s") from None
 
 
-async def test_round_trip_and_counters(mesh: Mesh) -> None:
+def counter(telemetry: Telemetry, name: str, **labels: str) -> float:
+    """A counter of ``telemetry.dump()`` summed over the series matching ``labels``."""
+    total = 0.0
+    for metric, series, value in telemetry.dump()["counters"]:
+        if metric == f"meshnode_proxy_{name}_total":
+            found = dict(map(tuple, series))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += value
+    return total
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+async def test_round_trip_counters_and_telemetry(mesh: Mesh) -> None:
     assert await exchange(mesh.outbound.address, b"hello") == b"hello"
     assert await exchange(mesh.outbound.address, b"again") == b"again"
     await wait_for(lambda: mesh.inbound.statistics().connections_closed == 2, "closed")
+    await wait_for(lambda: mesh.outbound.statistics().connections_closed == 2, "closed")
     for listener in (mesh.inbound, mesh.outbound):
         counted = listener.statistics()
         assert counted.connections_opened == 2
@@ -173,10 +331,16 @@ async def test_round_trip_and_counters(mesh: Mesh) -> None:
         assert (counted.bytes_received, counted.bytes_sent) == (10, 10)
         assert counted.handshake_failures == {}
     assert mesh.inbound.open_links == 0
+    for telemetry, direction in ((mesh.telemetry_in, "inbound"), (mesh.telemetry_out, "outbound")):
+        labels = {"direction": direction, "source": "web", "destination": "api"}
+        assert counter(telemetry, "tcp_connections_opened", **labels) == 2
+        assert counter(telemetry, "tcp_connections_closed", **labels) == 2
+        assert counter(telemetry, "requests", code_class="tcp", **labels) == 2
+        assert counter(telemetry, "request_bytes", **labels) == 10
 
 
 async def test_new_connections_resume_the_session_of_a_full_handshake(mesh: Mesh) -> None:
-    context = mesh.outbound._settings.contexts.context_for(mesh.inbound.address, "api")
+    context = mesh.outbound.contexts.context_for(mesh.inbound.address, "api")
     assert await exchange(mesh.outbound.address, b"one") == b"one"
     kept = context.resume_session
     assert kept is not None and kept.has_ticket
@@ -184,6 +348,21 @@ async def test_new_connections_resume_the_session_of_a_full_handshake(mesh: Mesh
         assert await exchange(mesh.outbound.address, payload) == payload
     # Resumed connections keep the session (reading a new one leaks on CPython 3.11).
     assert context.resume_session is kept
+
+
+async def test_a_per_instance_server_name_reaches_its_service(mesh: Mesh) -> None:
+    sni = instance_sni("api", INSTANCE)
+    mesh.set_outbound(mesh.outbound_to([mesh.inbound.address], sni=sni))
+    assert await exchange(mesh.outbound.address, b"instance") == b"instance"
+    assert mesh.inbound.statistics().connections_opened == 1
+
+
+async def test_an_unknown_server_name_is_refused_in_the_handshake(mesh: Mesh) -> None:
+    mesh.set_outbound(mesh.outbound_to([mesh.inbound.address], sni="nobody"))
+    await refused(mesh.outbound.address)
+    await wait_for(lambda: mesh.inbound.statistics().handshake_failures, "counted")
+    assert mesh.inbound.statistics().handshake_failures == {"unknown_sni": 1}
+    assert counter(mesh.telemetry_in, "tls_handshake_failures", reason="unknown_sni") == 1
 
 
 async def _bulk(address: Address, size: int, *, slow_reader: bool) -> None:
@@ -240,7 +419,7 @@ async def test_eof_from_the_client_arrives_after_its_bytes(mesh: Mesh) -> None:
 
     recorder = await asyncio.get_running_loop().create_server(Recorder, "127.0.0.1", 0)
     try:
-        mesh.inbound.update(mesh.inbound_settings(("127.0.0.1", port_of(recorder))))
+        mesh.set_inbound(inbound_snapshot(mesh.leaves, address_of(recorder)))
         payload = os.urandom(1 << 20)
         reader, writer = await asyncio.open_connection(*mesh.outbound.address)
         writer.write(payload)
@@ -256,23 +435,17 @@ async def test_eof_from_the_client_arrives_after_its_bytes(mesh: Mesh) -> None:
         recorder.close()
 
 
-def test_multi_megabyte_transfer_under_uvloop(pki: Pki) -> None:
+def test_multi_megabyte_transfer_under_uvloop(leaves: Leaves) -> None:
     uvloop = pytest.importorskip("uvloop")
 
     async def scenario() -> None:
-        backend = await echo_server()
-        settings = make_inbound_settings(pki, ("127.0.0.1", port_of(backend)))
-        inbound = InboundListener("127.0.0.1", 0, [pki.root_pem], settings)
-        await inbound.start()
-        outbound = OutboundListener("127.0.0.1", 0, make_outbound_settings(pki, [inbound.address]))
-        await outbound.start()
+        mesh = await start_mesh(leaves)
         try:
-            await _bulk(outbound.address, 16 << 20, slow_reader=True)
-            await _bulk(outbound.address, 8 << 20, slow_reader=False)
+            await _bulk(mesh.outbound.address, 16 << 20, slow_reader=True)
+            await _bulk(mesh.outbound.address, 8 << 20, slow_reader=False)
+            assert await exchange(mesh.outbound.address, b"small") == b"small"
         finally:
-            await outbound.aclose()
-            await inbound.aclose()
-            backend.close()
+            await stop_mesh(mesh)
 
     uvloop.run(scenario())
 
@@ -286,25 +459,14 @@ async def test_a_plaintext_client_is_refused_and_counted(mesh: Mesh) -> None:
     await wait_for(lambda: mesh.inbound.statistics().handshake_failures, "counted")
     assert mesh.inbound.statistics().handshake_failures == {"plaintext": 1}
     assert mesh.inbound.statistics().connections_opened == 0
+    assert counter(mesh.telemetry_in, "tls_handshake_failures", reason="plaintext") == 1
 
 
 async def test_a_client_certificate_from_another_ca_is_refused(mesh: Mesh) -> None:
-    foreign = make_pki("other.meshnode")
-    web = foreign.leaf("web")
-    settings = make_outbound_settings(mesh.pki, [mesh.inbound.address])
+    foreign = make_pki("other.meshnode").leaf("web")
     # Trusts our CA (so it would accept the server), presents the foreign leaf.
-    settings = OutboundSettings(
-        upstream="api",
-        expected_identity=settings.expected_identity,
-        contexts=tls.ClientContexts([mesh.pki.root_pem], web.chain_pem, web.key_pem),
-        pick=settings.pick,
-    )
-    mesh.outbound.update(settings)
-    async with asyncio.timeout(WAIT_S):
-        reader, writer = await asyncio.open_connection(*mesh.outbound.address)
-        writer.write(b"hello")
-        await assert_closed(reader)
-        writer.close()
+    mesh.set_outbound(mesh.outbound_to([mesh.inbound.address], leaf=foreign))
+    await refused(mesh.outbound.address)
     await wait_for(lambda: mesh.inbound.statistics().handshake_failures, "counted")
     assert mesh.inbound.statistics().handshake_failures == {"untrusted_certificate": 1}
     assert mesh.inbound.statistics().connections_opened == 0
@@ -312,59 +474,89 @@ async def test_a_client_certificate_from_another_ca_is_refused(mesh: Mesh) -> No
 
 async def test_a_server_of_the_wrong_identity_is_refused(mesh: Mesh) -> None:
     # The inbound side answers for "api" with db's certificate.
-    db = mesh.pki.leaf("db")
-    context = tls.server_context([mesh.pki.root_pem], db.chain_pem, db.key_pem)
-    target = ("127.0.0.1", port_of(mesh.backend))
-    mesh.inbound.update(
-        InboundSettings({"api": LocalService("api", target, context)}, allow_all, 2.0, 60.0)
-    )
-    async with asyncio.timeout(WAIT_S):
-        reader, writer = await asyncio.open_connection(*mesh.outbound.address)
-        writer.write(b"hello")
-        await assert_closed(reader)
-        writer.close()
+    backend = address_of(mesh.backend)
+    mesh.set_inbound(inbound_snapshot(mesh.leaves, backend, leaf=mesh.leaves.db))
+    await refused(mesh.outbound.address)
     counted = mesh.outbound.statistics()
-    assert counted.handshake_failures == {"wrong_identity": 1}
+    assert counted.handshake_failures == {"wrong_identity": 1}  # one endpoint, one try
     assert (counted.connect_failures, counted.no_endpoint, counted.bytes_received) == (1, 1, 0)
+    assert counter(mesh.telemetry_out, "tls_handshake_failures", reason="wrong_identity") == 1
 
 
 async def test_a_denied_connection_is_closed_and_counted(mesh: Mesh) -> None:
-    asked: list[tuple[str | None, str]] = []
-
-    def deny(peer: str | None, service: str) -> tuple[bool, str]:
-        asked.append((peer, service))
-        return False, "intention web → api: deny"
-
-    mesh.inbound.update(mesh.inbound_settings(("127.0.0.1", port_of(mesh.backend)), deny))
-    async with asyncio.timeout(WAIT_S):
-        reader, writer = await asyncio.open_connection(*mesh.outbound.address)
-        writer.write(b"hello")
-        await assert_closed(reader)
-        writer.close()
-    assert asked == [(f"spiffe://{mesh.pki.trust_domain}/ns/default/dc/dc1/svc/web", "api")]
+    mesh.set_inbound(
+        inbound_snapshot(mesh.leaves, address_of(mesh.backend), intentions=(DENY_WEB,))
+    )
+    await refused(mesh.outbound.address)
     counted = mesh.inbound.statistics()
-    assert (counted.denied, counted.bytes_received) == (1, 0)
-    await wait_for(lambda: mesh.inbound.statistics().connections_active == 0, "closed")
+    assert (counted.denied, counted.bytes_received, counted.connections_opened) == (1, 0, 0)
+    labels = {"source": "web", "destination": "api", "level": "l4"}
+    assert counter(mesh.telemetry_in, "intention_denials", **labels) == 1
+    await wait_for(lambda: mesh.inbound.open_links == 0, "closed")
 
 
-async def test_a_connect_failure_falls_back_to_the_next_endpoint(mesh: Mesh) -> None:
+async def test_default_deny_without_an_intention(mesh: Mesh) -> None:
+    mesh.set_inbound(inbound_snapshot(mesh.leaves, address_of(mesh.backend), intentions=()))
+    await refused(mesh.outbound.address)
+    mesh.set_inbound(
+        inbound_snapshot(mesh.leaves, address_of(mesh.backend), intentions=(), default_allow=True)
+    )
+    assert await exchange(mesh.outbound.address, b"allowed") == b"allowed"
+
+
+async def test_a_connection_rate_limit_refuses_the_excess(mesh: Mesh) -> None:
+    limit = RateLimit(requests_per_second=0.001, burst=1)
+    mesh.set_inbound(inbound_snapshot(mesh.leaves, address_of(mesh.backend), rate_limit=limit))
+    assert await exchange(mesh.outbound.address, b"first") == b"first"
+    await refused(mesh.outbound.address)
+    assert counter(mesh.telemetry_in, "rate_limited", source="web", destination="api") == 1
+
+
+async def test_max_connections_of_a_local_service(mesh: Mesh) -> None:
+    mesh.set_inbound(inbound_snapshot(mesh.leaves, address_of(mesh.backend), max_connections=1))
+    reader, writer = await asyncio.open_connection(*mesh.outbound.address)
+    writer.write(b"one")
+    assert await reader.readexactly(3) == b"one"
+    await refused(mesh.outbound.address)
+    writer.close()
+    await wait_for(lambda: mesh.inbound.open_links == 0, "closed")
+    assert await exchange(mesh.outbound.address, b"two") == b"two"
+
+
+async def test_the_outbound_breaker_limits_connections(mesh: Mesh) -> None:
+    mesh.set_outbound(mesh.outbound_to([mesh.inbound.address], limits=Limits(max_connections=1)))
+    reader, writer = await asyncio.open_connection(*mesh.outbound.address)
+    writer.write(b"one")
+    assert await reader.readexactly(3) == b"one"
+    await refused(mesh.outbound.address)
+    trips = counter(mesh.telemetry_out, "circuit_breaker_trips", limit="max_connections")
+    assert trips == 1
+    writer.close()
+    await wait_for(lambda: mesh.outbound.open_links == 0, "closed")
+    assert await exchange(mesh.outbound.address, b"two") == b"two"
+
+
+async def test_a_connect_failure_falls_back_to_another_endpoint(mesh: Mesh) -> None:
     dead = await echo_server()
-    dead_address = ("127.0.0.1", port_of(dead))
+    dead_address = address_of(dead)
     dead.close()
     await dead.wait_closed()
-    mesh.outbound.update(make_outbound_settings(mesh.pki, [dead_address, mesh.inbound.address]))
-    assert await exchange(mesh.outbound.address, b"hello") == b"hello"
+    mesh.set_outbound(mesh.outbound_to([dead_address, mesh.inbound.address]))
+    for payload in (b"hello", b"again", b"third"):
+        assert await exchange(mesh.outbound.address, payload) == payload
     counted = mesh.outbound.statistics()
-    assert (counted.connect_failures, counted.no_endpoint) == (1, 0)
+    assert counted.connect_failures >= 1
+    assert counted.no_endpoint == 0
 
 
-async def test_no_reachable_endpoint_closes_the_client(mesh: Mesh) -> None:
-    mesh.outbound.update(make_outbound_settings(mesh.pki, []))
+async def test_no_endpoint_closes_the_client(mesh: Mesh) -> None:
+    mesh.set_outbound(mesh.outbound_to([]))
     async with asyncio.timeout(WAIT_S):
         reader, writer = await asyncio.open_connection(*mesh.outbound.address)
         assert await reader.read() == b""
         writer.close()
     assert mesh.outbound.statistics().no_endpoint == 1
+    assert counter(mesh.telemetry_out, "no_healthy_endpoint") == 1
 
 
 async def test_update_swaps_the_target_for_new_connections_only(mesh: Mesh) -> None:
@@ -373,7 +565,7 @@ async def test_update_swaps_the_target_for_new_connections_only(mesh: Mesh) -> N
     assert await old_reader.readexactly(6) == b"before"
     other = await echo_server(tag=b"other:")
     try:
-        mesh.inbound.update(mesh.inbound_settings(("127.0.0.1", port_of(other))))
+        mesh.set_inbound(inbound_snapshot(mesh.leaves, address_of(other), version=2))
         # New connections reach the new target ...
         reader, writer = await asyncio.open_connection(*mesh.outbound.address)
         writer.write(b"x")
@@ -387,18 +579,30 @@ async def test_update_swaps_the_target_for_new_connections_only(mesh: Mesh) -> N
         other.close()
 
 
-async def test_idle_connections_are_closed(pki: Pki) -> None:
-    backend = await echo_server()
-    settings = make_inbound_settings(pki, ("127.0.0.1", port_of(backend)), idle=None)
-    inbound = InboundListener("127.0.0.1", 0, [pki.root_pem], settings)
-    await inbound.start()
-    outbound = OutboundListener(
-        "127.0.0.1", 0, make_outbound_settings(pki, [inbound.address], idle=0.3)
-    )
-    await outbound.start()
+async def test_an_access_log_line_per_connection(leaves: Leaves) -> None:
+    lines: list[str] = []
+    mesh = await start_mesh(leaves)
+    try:
+        mesh.outbound.access_log = AccessLogger(AccessLog(), lines.append, random.Random(1))
+        assert await exchange(mesh.outbound.address, b"logged") == b"logged"
+        await wait_for(lambda: lines, "logged")
+        inbound_port = mesh.inbound.address[1]
+    finally:
+        await stop_mesh(mesh)
+    record = json.loads(lines[0])
+    assert record["direction"] == "outbound"
+    assert (record["source"], record["destination"], record["protocol"]) == ("web", "api", "tcp")
+    assert (record["route"], record["cluster"], record["status"]) == ("api/default", "api", 0)
+    assert record["upstream"] == f"127.0.0.1:{inbound_port}"
+    assert (record["bytes_in"], record["bytes_out"], record["attempts"]) == (6, 6, 1)
+    assert record["error"] == ""
+
+
+async def test_idle_connections_are_closed(leaves: Leaves) -> None:
+    mesh = await start_mesh(leaves, idle=0.3)
     try:
         async with asyncio.timeout(WAIT_S):
-            reader, writer = await asyncio.open_connection(*outbound.address)
+            reader, writer = await asyncio.open_connection(*mesh.outbound.address)
             loop = asyncio.get_running_loop()
             started = loop.time()
             for _ in range(4):  # activity keeps it open past the timeout
@@ -411,98 +615,23 @@ async def test_idle_connections_are_closed(pki: Pki) -> None:
             writer.close()
         assert idle_closed - started > 2 * 0.3  # activity kept it open past one timeout
         assert 0.3 - 0.05 <= idle_closed - last_activity <= 0.3 + 0.25
-        assert outbound.statistics().idle_timeouts == 1
-        await wait_for(lambda: inbound.statistics().connections_active == 0, "closed")
+        assert mesh.outbound.statistics().idle_timeouts == 1
+        await wait_for(lambda: mesh.inbound.statistics().connections_active == 0, "closed")
     finally:
-        await outbound.aclose()
-        await inbound.aclose()
-        backend.close()
+        await stop_mesh(mesh)
 
 
-# ---------------------------------------------------------------------------- the worker
-
-
-async def _free_port() -> int:
-    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
-    port = port_of(server)
-    server.close()
-    await server.wait_closed()
-    return port
-
-
-@pytest.mark.slow
-async def test_worker_process_end_to_end_and_sigterm(pki: Pki, tmp_path: Path) -> None:
-    backend = await echo_server()
-    api, web = pki.leaf("api"), pki.leaf("web")
-    inbound_port, outbound_port = await _free_port(), await _free_port()
-    config = {
-        "trust_bundle": [pki.root_pem],
-        "inbound": {
-            "host": "127.0.0.1",
-            "port": inbound_port,
-            "services": {
-                "api": {
-                    "target": ["127.0.0.1", port_of(backend)],
-                    "cert_chain": api.chain_pem,
-                    "private_key": api.key_pem,
-                }
-            },
-            "allow": [[web.spiffe_id, "api"]],
-        },
-        "outbound": [
-            {
-                "host": "127.0.0.1",
-                "port": outbound_port,
-                "upstream": "api",
-                "expected_identity": api.spiffe_id,
-                "cert_chain": web.chain_pem,
-                "private_key": web.key_pem,
-                "endpoints": [["127.0.0.1", inbound_port]],
-            }
-        ],
-    }
-    path = tmp_path / "worker.json"
-    path.write_text(json.dumps(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(path),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def test_unchanged_certificates_keep_their_contexts(leaves: Leaves) -> None:
+    """Session resumption needs the same client contexts across snapshots."""
+    first = Side.of(outbound_snapshot(leaves, [("127.0.0.1", 1)]))
+    second = Side.of(outbound_snapshot(leaves, [("127.0.0.1", 2)], version=2), first)
+    address = first.upstream_address
+    assert second.material.upstreams[address] is first.material.upstreams[address]
+    rotated = Side.of(
+        outbound_snapshot(leaves, [("127.0.0.1", 2)], version=3, leaf=leaves.db), second
     )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(WAIT_S):
-            assert await process.stdout.readline() == b"ready\n"
-        assert await exchange(("127.0.0.1", outbound_port), b"through a worker") == (
-            b"through a worker"
-        )
-        # An open connection does not hold the worker up.
-        _, writer = await asyncio.open_connection("127.0.0.1", outbound_port)
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WAIT_S):
-            assert await process.wait() == 0
-        writer.close()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        backend.close()
-
-
-def test_worker_refuses_a_bad_config(tmp_path: Path) -> None:
-    path = tmp_path / "worker.json"
-    path.write_text(json.dumps({"outbound": []}))
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "--config", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "trust_bundle" in done.stderr
+    assert rotated.material.upstreams[address] is not first.material.upstreams[address]
+    inbound = Side.of(inbound_snapshot(leaves, ("127.0.0.1", 1)))
+    again = Side.of(replace(inbound_snapshot(leaves, ("127.0.0.1", 2)), version=2), inbound)
+    assert again.material.sni["api"] is inbound.material.sni["api"]
+    assert again.material.sni[instance_sni("api", INSTANCE)] is again.material.sni["api"]
