@@ -68,11 +68,13 @@ from meshnode.model import (
     TEXT_MAX_LENGTH,
     CheckDefinition,
     CheckView,
+    ConnectUpstreams,
     HealthStatus,
     NodeInfo,
     ServiceDefinition,
     ValidationError,
     check_to_body,
+    connect_upstreams,
     parse_check,
     parse_service,
     service_to_body,
@@ -690,6 +692,7 @@ class Catalog:
                 raise ValidationError(
                     "Checks", f"check ID {check.check_id!r} is in use by another service or node"
                 )
+        self._check_upstream_ports(service)
         record = self.local
         version = record.version + 1
         services = dict(record.services)
@@ -716,6 +719,28 @@ class Catalog:
                 checks=check_states,
             )
         )
+
+    def _check_upstream_ports(self, service: ServiceDefinition) -> None:
+        """Two upstreams of this node's services cannot listen on one address and port
+        (the proxy has one listener each): refuse the registration that would (400)."""
+        declared = _declared_upstreams(service)
+        if declared is None or not declared.upstreams:
+            return
+        taken: dict[tuple[str, int], str] = {}
+        for other in self.local.services.values():
+            if other.id == service.id:
+                continue  # being replaced
+            theirs = _declared_upstreams(other)
+            for upstream in theirs.upstreams if theirs is not None else ():
+                taken[(upstream.bind_address, upstream.bind_port)] = other.id
+        for upstream in declared.upstreams:
+            owner = taken.get((upstream.bind_address, upstream.bind_port))
+            if owner is not None:
+                raise ValidationError(
+                    f"{upstream.path}.LocalBindPort",
+                    f"{upstream.bind_address}:{upstream.bind_port} is already an upstream"
+                    f" of service {owner!r} on this agent",
+                )
 
     def deregister_service(self, service_id: str) -> None:
         """Remove a local service with its checks and maintenance flag."""
@@ -1367,6 +1392,15 @@ class Catalog:
 
 def _meta_matches(meta: Mapping[str, str], wanted: Mapping[str, str] | None) -> bool:
     return not wanted or all(meta.get(k) == v for k, v in wanted.items())
+
+
+def _declared_upstreams(service: ServiceDefinition) -> ConnectUpstreams | None:
+    """A service's upstreams; None when it declares none or they do not parse (a
+    ``connect-proxy`` registration is not validated at registration)."""
+    try:
+        return connect_upstreams(service)
+    except ValidationError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,14 +148,29 @@ class CaConfig:
     """SPIFFE trust domain; None: the first leader picks one and keeps it in CA state."""
 
 
+ProxyEventLoop = Literal["auto", "uvloop", "asyncio"]
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The local mTLS proxy."""
 
     enabled: bool = True
-    """Run the proxy worker."""
+    """Serve proxy snapshots on ``<data_dir>/proxy.sock`` and publish ``port`` to
+    the cluster (off: this host has no proxy; other hosts do not route to it)."""
     port: int = DEFAULT_PROXY_PORT
-    """Inbound mTLS port on ``bind_addr``; 0 picks a free port."""
+    """Inbound mTLS port; 0 picks a free port when the agent starts."""
+    bind_address: str | None = None
+    """Address of the inbound port; None: ``bind_addr``."""
+    managed: bool = True
+    """The agent starts the worker and restarts it when it exits (off: run
+    ``meshnode proxy`` yourself)."""
+    event_loop: ProxyEventLoop = "auto"
+    """The worker's event loop: ``auto`` (uvloop if installed), ``uvloop``, ``asyncio``."""
+    access_log: str = ""
+    """Access log: "" for the worker's stdout, ``off``, or a file path."""
+    access_log_sample: float = 1.0
+    """Share of requests (http) or connections (tcp) logged, 0 to 1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +527,24 @@ def _interface(value: object, origin: _Origin) -> str:
     return text
 
 
+def _access_log(value: object, origin: _Origin) -> str:
+    text = _text(value, '"", "off" or a file path')
+    if text.strip() in ("", "off"):
+        return text.strip()
+    return str(_joined(origin.base_dir, text))
+
+
+def _sample(value: object, origin: _Origin) -> float:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    is_text_number = origin.textual and isinstance(value, str) and _NUMBER.fullmatch(value.strip())
+    if not (is_number or is_text_number):
+        raise _Invalid(f"expected a number between 0 and 1, got {_describe(value)}")
+    number = float(cast("float | str", value))
+    if not 0.0 <= number <= 1.0:
+        raise _Invalid(f"must be between 0 and 1, got {number:g}")
+    return number
+
+
 # ------------------------------------------------------------------ the schema
 
 
@@ -625,7 +658,17 @@ _AGENT_KEYS: Final[tuple[_Key, ...]] = (
     _Key("ca.leaf_ttl", _duration(LEAF_TTL_MIN, LEAF_TTL_MAX)),
     _Key("ca.trust_domain", _TRUST_DOMAIN),
     _Key("proxy.enabled", _boolean),
-    _Key("proxy.port", _port),
+    # dest "proxy__port": the variable stays MESHNODE_PROXY__PORT, as before the flag.
+    _Key(
+        "proxy.port",
+        _port,
+        _Flag("--proxy-port", "proxy__port", "N", "inbound mTLS proxy port (default: 20000)"),
+    ),
+    _Key("proxy.bind_address", _ip_address(allow_wildcard=True)),
+    _Key("proxy.managed", _boolean),
+    _Key("proxy.event_loop", _choice("auto", "uvloop", "asyncio")),
+    _Key("proxy.access_log", _access_log),
+    _Key("proxy.access_log_sample", _sample),
 )
 
 #: GossipConfig fields that are floats but not durations.
@@ -705,6 +748,10 @@ DEFAULTS: Final[Mapping[str, object]] = MappingProxyType(
         "ca.leaf_ttl": DEFAULT_LEAF_TTL,
         "proxy.enabled": True,
         "proxy.port": DEFAULT_PROXY_PORT,
+        "proxy.managed": True,
+        "proxy.event_loop": "auto",
+        "proxy.access_log": "",
+        "proxy.access_log_sample": 1.0,
     }
 )
 """Defaults of the keys that have one (``node_name`` defaults to the host name)."""
@@ -1115,7 +1162,15 @@ def load_config(
             leaf_ttl=merged.number("ca.leaf_ttl"),
             trust_domain=merged.text("ca.trust_domain"),
         ),
-        proxy=ProxyConfig(enabled=merged.flag("proxy.enabled"), port=merged.integer("proxy.port")),
+        proxy=ProxyConfig(
+            enabled=merged.flag("proxy.enabled"),
+            port=merged.integer("proxy.port"),
+            bind_address=merged.text("proxy.bind_address"),
+            managed=merged.flag("proxy.managed"),
+            event_loop=cast(ProxyEventLoop, merged.get("proxy.event_loop")),
+            access_log=merged.text("proxy.access_log") or "",
+            access_log_sample=merged.number("proxy.access_log_sample"),
+        ),
         services=tuple(services),
         config_file=config_file,
         config_dir=config_dir,

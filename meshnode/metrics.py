@@ -350,3 +350,172 @@ def register_connect_metrics(
     collector = ConnectCollector(source)
     registry.register(collector)
     return collector
+
+
+# --------------------------------------------------------------------------- proxy
+
+#: Telemetry names a worker may send: ``meshnode_proxy_`` and a bounded identifier.
+_PROXY_NAME: Final = re.compile(r"meshnode_proxy_[a-z0-9_]{1,64}")
+_LABEL_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,31}")
+#: The most series per dump the agent exports (a runaway worker cannot flood a scrape).
+MAX_PROXY_SERIES: Final = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyMetricsSource:
+    """What the proxy collector reads at scrape time (``ProxyControl.stats()``)."""
+
+    worker_restarts: int
+    applied_version: int
+    snapshots_rejected: int
+    dump: Mapping[str, object] | None
+    """The worker's latest ``proxy.telemetry.Telemetry.dump()``."""
+
+
+ProxySource = Callable[[], ProxyMetricsSource]
+
+
+def _series(raw: object) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(name, labels) of one dumped series, or None if it is not well formed."""
+    if not isinstance(raw, list | tuple) or len(raw) < 3:
+        return None
+    name, labels = raw[0], raw[1]
+    if not isinstance(name, str) or not _PROXY_NAME.fullmatch(name):
+        return None
+    if not isinstance(labels, list | tuple):
+        return None
+    pairs: list[tuple[str, str]] = []
+    for pair in labels:
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not isinstance(pair[0], str)
+            or not _LABEL_NAME.fullmatch(pair[0])
+        ):
+            return None
+        pairs.append((pair[0], str(pair[1])))
+    return name, tuple(pairs)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+class ProxyCollector(Collector):
+    """The proxy worker's telemetry (sent to the agent every second over the control
+    socket, ``proxy/telemetry.py``) as Prometheus families, plus the agent's own view
+    of the worker: restarts, the applied snapshot version, rejected snapshots.
+
+    A dump comes from another process: series with a malformed name, labels or value
+    are skipped, never raised, and a family's series must share one label set (the
+    first seen wins) as Prometheus requires."""
+
+    def __init__(self, source: ProxySource) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._source()
+        yield CounterMetricFamily(
+            "meshnode_proxy_worker_restarts",
+            "Times the agent restarted its proxy worker.",
+            stats.worker_restarts,
+        )
+        yield GaugeMetricFamily(
+            "meshnode_proxy_snapshot_version",
+            "Version of the latest snapshot the proxy worker applied (0: none).",
+            stats.applied_version,
+        )
+        yield CounterMetricFamily(
+            "meshnode_proxy_snapshots_rejected",
+            "Snapshots the proxy worker refused (it keeps the previous one).",
+            stats.snapshots_rejected,
+        )
+        if stats.dump is not None:
+            yield from _dump_families(stats.dump)
+
+
+def _dump_families(dump: Mapping[str, object]) -> Iterator[Metric]:
+    budget = MAX_PROXY_SERIES
+    reserved = {
+        "meshnode_proxy_worker_restarts_total",
+        "meshnode_proxy_snapshot_version",
+        "meshnode_proxy_snapshots_rejected_total",
+    }
+    Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+    families: dict[str, tuple[Family, tuple[str, ...]]] = {}
+
+    def family(kind: str, name: str, labels: tuple[str, ...]) -> Family | None:
+        found = families.get(name)
+        if found is None:
+            metric: Family
+            if kind == "counter":
+                metric = CounterMetricFamily(
+                    name.removesuffix("_total"), "Proxy worker counter.", labels=list(labels)
+                )
+            elif kind == "gauge":
+                metric = GaugeMetricFamily(name, "Proxy worker gauge.", labels=list(labels))
+            else:
+                metric = HistogramMetricFamily(name, "Proxy worker histogram.", labels=list(labels))
+            families[name] = found = (metric, labels)
+        return found[0] if found[1] == labels else None
+
+    for kind, key in (("counter", "counters"), ("gauge", "gauges")):
+        items = dump.get(key)
+        for raw in items if isinstance(items, list) else ():
+            parsed = _series(raw)
+            value = _number(raw[2]) if parsed is not None else None
+            if parsed is None or value is None or parsed[0] in reserved or budget <= 0:
+                continue
+            name, pairs = parsed
+            if kind == "counter" and not name.endswith("_total"):
+                continue
+            metric = family(kind, name, tuple(k for k, _ in pairs))
+            if isinstance(metric, CounterMetricFamily | GaugeMetricFamily):
+                metric.add_metric([v for _, v in pairs], value)
+                budget -= 1
+    items = dump.get("histograms")
+    for raw in items if isinstance(items, list) else ():
+        parsed = _series(raw)
+        if parsed is None or budget <= 0 or len(raw) < 6:
+            continue
+        buckets = _histogram_buckets(raw[2], raw[3])
+        total = _number(raw[4])
+        if buckets is None or total is None:
+            continue
+        name, pairs = parsed
+        metric = family("histogram", name, tuple(k for k, _ in pairs))
+        if isinstance(metric, HistogramMetricFamily):
+            metric.add_metric([v for _, v in pairs], buckets, total)
+            budget -= 1
+    for metric, _ in families.values():
+        yield metric
+
+
+def _histogram_buckets(bounds: object, counts: object) -> list[tuple[str, float]] | None:
+    """Cumulative ``(le, count)`` pairs, ``+Inf`` last, from upper bounds and
+    per-bucket (not cumulative) counts with one more entry for +Inf."""
+    if not isinstance(bounds, list | tuple) or not isinstance(counts, list | tuple):
+        return None
+    if len(counts) != len(bounds) + 1:
+        return None
+    out: list[tuple[str, float]] = []
+    running = 0.0
+    for bound, count in zip([*bounds, float("inf")], counts, strict=True):
+        number, size = _number(bound), _number(count)
+        if number is None or size is None:
+            return None
+        running += size
+        out.append(("+Inf" if number == float("inf") else repr(number), running))
+    return out
+
+
+def register_proxy_metrics(registry: CollectorRegistry, source: ProxySource) -> ProxyCollector:
+    """Register the proxy collector on ``registry`` and return it."""
+    collector = ProxyCollector(source)
+    registry.register(collector)
+    return collector

@@ -155,9 +155,11 @@ class ServiceDefinition:
     enable_tag_override: bool = False
     kind: str = ""
     proxy: Mapping[str, Any] | None = None
-    """Consul's ``Proxy`` block, kept as plain JSON (we do not interpret it yet)."""
+    """Consul's ``Proxy`` block, kept as plain JSON (``connect_upstreams`` reads the
+    upstreams of a ``connect-proxy`` registration from it)."""
     connect: Mapping[str, Any] | None = None
-    """Consul's ``Connect`` block, kept as plain JSON."""
+    """Consul's ``Connect`` block, kept as plain JSON (``connect_upstreams`` reads
+    ``SidecarService.Proxy.Upstreams`` from it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,6 +783,7 @@ def _replace_check(check: CheckDefinition, **changes: Any) -> CheckDefinition:
 def parse_registration(body: object) -> tuple[ServiceDefinition, tuple[CheckDefinition, ...]]:
     """A whole service registration: the service and its checks, all validated."""
     service = parse_service(body)
+    _validate_sidecar_upstreams(service)
     return service, parse_service_checks(body, service)
 
 
@@ -1059,3 +1062,128 @@ def health_service_json(
         "Service": service_out,
         "Checks": [check_json(c) for c in checks],
     }
+
+
+# --------------------------------------------------------------------------- upstreams
+
+#: Where an upstream listens unless ``LocalBindAddress`` says otherwise (Consul's default).
+DEFAULT_UPSTREAM_BIND_ADDRESS: Final = "127.0.0.1"
+#: Upstreams one registration may declare (each is a listener in the proxy).
+UPSTREAMS_MAX: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamDefinition:
+    """One entry of ``Connect.SidecarService.Proxy.Upstreams`` (or of a
+    ``connect-proxy`` registration's ``Proxy.Upstreams``): the local service reaches
+    ``destination`` by connecting to ``bind_address:bind_port`` on this host."""
+
+    destination: str
+    bind_port: int
+    bind_address: str = DEFAULT_UPSTREAM_BIND_ADDRESS
+    path: str = ""
+    """Where in the registration body it was declared (for error messages)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstreams:
+    """The upstreams a registration declares, and the service that calls them."""
+
+    source: str
+    """The local service whose identity the outbound connections carry: the service
+    itself for ``Connect.SidecarService``, ``Proxy.DestinationServiceName`` for a
+    ``connect-proxy`` registration."""
+    upstreams: tuple[UpstreamDefinition, ...]
+
+
+def _upstreams_block(service: ServiceDefinition) -> tuple[str, object, str] | None:
+    """(source service, the raw ``Upstreams`` list, its path) of a registration, if any."""
+    if service.kind == "connect-proxy":
+        if service.proxy is None:
+            return None
+        proxy = _Body(service.proxy, "Proxy")
+        source = proxy.string("DestinationServiceName")
+        if not source:
+            return None
+        return source, proxy.get("Upstreams"), proxy.sub("Upstreams")
+    if service.connect is None:
+        return None
+    connect = _Body(service.connect, "Connect")
+    sidecar = connect.get("SidecarService")
+    if sidecar is None:
+        return None
+    sidecar_fields = _Body(sidecar, connect.sub("SidecarService"))
+    proxy_value = sidecar_fields.get("Proxy")
+    if proxy_value is None:
+        return None
+    proxy = _Body(proxy_value, sidecar_fields.sub("Proxy"))
+    return service.name, proxy.get("Upstreams"), proxy.sub("Upstreams")
+
+
+def _parse_upstream(value: object, path: str) -> UpstreamDefinition:
+    fields = _Body(value, path)
+    kind = fields.string("DestinationType") or "service"
+    if kind != "service":
+        raise ValidationError(
+            fields.sub("DestinationType"), f"{kind!r} upstreams are not supported; use 'service'"
+        )
+    destination = fields.string("DestinationName")
+    if not destination:
+        raise ValidationError(fields.sub("DestinationName"), "missing DestinationName")
+    _identifier(destination, fields.sub("DestinationName"), "DestinationName")
+    if not fields.has("LocalBindPort"):
+        raise ValidationError(fields.sub("LocalBindPort"), "missing LocalBindPort (1..65535)")
+    port = fields.integer("LocalBindPort", low=1, high=65535)
+    address = fields.string("LocalBindAddress", limit=ADDRESS_MAX_LENGTH)
+    if fields.string("LocalBindSocketPath", limit=TEXT_MAX_LENGTH):
+        raise ValidationError(
+            fields.sub("LocalBindSocketPath"), "unix socket upstreams are not supported"
+        )
+    if address:
+        import ipaddress  # only registrations with an address pay for it
+
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise ValidationError(
+                fields.sub("LocalBindAddress"), f"expected an IP address, got {address!r}"
+            ) from None
+    return UpstreamDefinition(destination, port, address or DEFAULT_UPSTREAM_BIND_ADDRESS, path)
+
+
+def connect_upstreams(service: ServiceDefinition) -> ConnectUpstreams | None:
+    """The upstreams ``service`` declares (None: it declares none), validated:
+    ``ValidationError`` names the first bad field (a missing ``DestinationName``, a
+    ``LocalBindPort`` outside 1..65535, the same bind address and port twice)."""
+    block = _upstreams_block(service)
+    if block is None:
+        return None
+    source, raw, path = block
+    if raw is None:
+        return ConnectUpstreams(source, ())
+    if not isinstance(raw, list):
+        raise ValidationError(path, f"expected a list of upstreams, got {_type_name(raw)}")
+    if len(raw) > UPSTREAMS_MAX:
+        raise ValidationError(path, f"more than {UPSTREAMS_MAX} upstreams")
+    upstreams: list[UpstreamDefinition] = []
+    seen: dict[tuple[str, int], str] = {}
+    for position, item in enumerate(raw):
+        upstream = _parse_upstream(item, f"{path}[{position}]")
+        key = (upstream.bind_address, upstream.bind_port)
+        if key in seen:
+            raise ValidationError(
+                f"{upstream.path}.LocalBindPort",
+                f"{upstream.bind_address}:{upstream.bind_port} is also {seen[key]}'s bind address",
+            )
+        seen[key] = upstream.path
+        upstreams.append(upstream)
+    return ConnectUpstreams(source, tuple(upstreams))
+
+
+def _validate_sidecar_upstreams(service: ServiceDefinition) -> None:
+    """Refuse a malformed ``Connect.SidecarService.Proxy.Upstreams`` at registration.
+    A ``connect-proxy`` registration's ``Proxy.Upstreams`` is checked where it is used
+    (the snapshot builder skips a bad one): Consul clients have long registered those
+    with fields we do not need."""
+    if service.kind != "connect-proxy":
+        connect_upstreams(service)

@@ -1241,6 +1241,10 @@ class ServiceDefaults:
     """Proxy → local instance request timeout (http only); 0: the proxy's default."""
     upstream_config: UpstreamConfig | None = None
     rate_limit: InstanceRateLimit | None = None
+    rate_limit_per_source: InstanceRateLimit | None = None
+    """``RateLimits.PerSource`` (a meshnode extension, same fields as ``InstanceLevel``):
+    one token bucket per calling service, so one noisy caller cannot use up the
+    instance-level budget of the others."""
     meta: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -1363,21 +1367,12 @@ def _parse_service_defaults(fields: Body, name: str) -> ServiceDefaults:
             else _parse_upstream(defaults, inner.sub("Defaults"), override=False),
             tuple(overrides),
         )
-    rate_limit = None
+    rate_limit = rate_limit_per_source = None
     inner = _object(fields, "RateLimits")
     if inner is not None:
-        _known_fields(inner, ("InstanceLevel",), "RateLimits")
-        level = _object(inner, "InstanceLevel")
-        if level is not None:
-            _known_fields(
-                level, ("RequestsPerSecond", "RequestsMaxBurst"), "InstanceLevel", ("Routes",)
-            )
-            per_second = level.integer("RequestsPerSecond", low=0, high=COUNT_MAX)
-            burst = level.integer("RequestsMaxBurst", low=0, high=COUNT_MAX)
-            if burst and not per_second:
-                raise ValidationError(level.sub("RequestsMaxBurst"), "needs RequestsPerSecond")
-            if per_second:
-                rate_limit = InstanceRateLimit(per_second, burst)
+        _known_fields(inner, ("InstanceLevel", "PerSource"), "RateLimits")
+        rate_limit = _parse_rate_limit(inner, "InstanceLevel")
+        rate_limit_per_source = _parse_rate_limit(inner, "PerSource")
     local_request = fields.integer("LocalRequestTimeoutMs", low=0, high=MILLISECONDS_MAX)
     if local_request and protocol != "http":
         raise ValidationError(
@@ -1393,8 +1388,29 @@ def _parse_service_defaults(fields: Body, name: str) -> ServiceDefaults:
         local_request_timeout_ms=local_request,
         upstream_config=upstream_config,
         rate_limit=rate_limit,
+        rate_limit_per_source=rate_limit_per_source,
         meta=_meta(fields),
     )
+
+
+def _parse_rate_limit(fields: Body, name: str) -> InstanceRateLimit | None:
+    """``RateLimits.InstanceLevel`` or ``RateLimits.PerSource``; None when unset or 0."""
+    level = _object(fields, name)
+    if level is None:
+        return None
+    _known_fields(level, ("RequestsPerSecond", "RequestsMaxBurst"), name, ("Routes",))
+    per_second = level.integer("RequestsPerSecond", low=0, high=COUNT_MAX)
+    burst = level.integer("RequestsMaxBurst", low=0, high=COUNT_MAX)
+    if burst and not per_second:
+        raise ValidationError(level.sub("RequestsMaxBurst"), "needs RequestsPerSecond")
+    return InstanceRateLimit(per_second, burst) if per_second else None
+
+
+def _rate_limit_body(limit: InstanceRateLimit) -> dict[str, Any]:
+    body: dict[str, Any] = {"RequestsPerSecond": limit.requests_per_second}
+    if limit.requests_max_burst:
+        body["RequestsMaxBurst"] = limit.requests_max_burst
+    return body
 
 
 def _service_defaults_body(entry: ServiceDefaults) -> dict[str, Any]:
@@ -1410,11 +1426,13 @@ def _service_defaults_body(entry: ServiceDefaults) -> dict[str, Any]:
     )
     if entry.upstream_config is not None:
         body["UpstreamConfig"] = entry.upstream_config.to_body()
+    limits: dict[str, Any] = {}
     if entry.rate_limit is not None:
-        level: dict[str, Any] = {"RequestsPerSecond": entry.rate_limit.requests_per_second}
-        if entry.rate_limit.requests_max_burst:
-            level["RequestsMaxBurst"] = entry.rate_limit.requests_max_burst
-        body["RateLimits"] = {"InstanceLevel": level}
+        limits["InstanceLevel"] = _rate_limit_body(entry.rate_limit)
+    if entry.rate_limit_per_source is not None:
+        limits["PerSource"] = _rate_limit_body(entry.rate_limit_per_source)
+    if limits:
+        body["RateLimits"] = limits
     return body
 
 

@@ -31,6 +31,7 @@ AGENT_FLAGS = {
     "--bootstrap-expect": True,
     "--log-level": True,
     "--log-format": True,
+    "--proxy-port": True,
 }
 
 
@@ -76,6 +77,7 @@ def test_no_flag_means_none(tmp_path: Path) -> None:
         "bootstrap_expect": None,
         "log_level": None,
         "log_format": None,
+        "proxy__port": None,
     }
     # so the environment still wins over "no flag"
     config = load_config(vars(args), {"MESHNODE_DEV": "1"}, cwd=tmp_path, hostname="h")
