@@ -1,0 +1,426 @@
+"""HTTP/1.1 message framing for the L7 data path, around httptools (llhttp). Pure:
+bytes in, heads and body pieces out through callbacks; no I/O, no clock.
+
+Theory of operation
+-------------------
+A proxy must re-frame every message it forwards: hop-by-hop headers (RFC 9110 §7.6.1:
+``Connection`` and the headers it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
+``Trailer``, ``Transfer-Encoding``, ``Upgrade``) belong to one connection and are not
+passed on, and each side of the proxy has its own keep-alive. So a message is parsed
+into a *head* (:class:`RequestHead` / :class:`ResponseHead`: start line, the headers to
+forward, already serialized, and the facts that decide framing) and body pieces, and
+written out again with :func:`request_bytes` / :func:`response_bytes`:
+
+* The forwarded headers are kept as the list of byte strings of their serialized form
+  (``name``, ``b": "``, ``value``, ``b"\\r\\n"``), so writing a head is one
+  ``bytes.join`` — no per-header formatting on the way out.
+* Framing (:data:`NO_BODY`, :data:`LENGTH`, :data:`CHUNKED`, :data:`UNTIL_CLOSE`): a
+  ``Content-Length`` body is forwarded as it comes, with its header; a chunked body is
+  de-chunked by llhttp and re-chunked on the way out (:func:`chunk`), one chunk per
+  piece read, so nothing is buffered; a response delimited by the connection's close
+  (HTTP/1.0 style) goes out chunked to an HTTP/1.1 client, or close-delimited to an
+  HTTP/1.0 one. Requests are never close-delimited (RFC 9112 §6.3). Trailers are
+  dropped (a re-chunked body ends with ``0\\r\\n\\r\\n``).
+* Keep-alive follows llhttp's ``should_keep_alive`` (HTTP/1.1 unless
+  ``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``).
+* ``HEAD`` responses: llhttp cannot be told that a response has no body (httptools does
+  not expose it), so :class:`ResponseReader` ends such a message itself at its head and
+  starts a fresh parser for the next one.
+* ``x-meshnode-source`` from a peer is dropped: only the inbound proxy sets it, from the
+  verified SPIFFE ID.
+
+The readers are httptools "protocol" objects: llhttp calls their ``on_*`` methods. A
+subclass (the connection in ``transport.py``) provides ``head_received(head)`` and the
+two methods llhttp calls directly on the hot path, ``on_body(data)`` and
+``on_message_complete()``, so a body piece costs one Python call. Parse errors become
+``proxy.errors.RemoteProtocolError``.
+
+Proxy-generated responses (:func:`error_response`) carry ``x-meshnode-error: <kind>:
+<detail>`` (the kinds of the #5 conventions), ``content-length`` and a one-line text
+body, and ``connection: close`` when the connection will be closed after them.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import parse_qsl
+
+import httptools
+
+from proxy.errors import RemoteProtocolError
+from proxy.match import HttpRequest
+
+NO_BODY: Final = 0
+LENGTH: Final = 1
+"""A ``Content-Length`` body, forwarded with its header."""
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+"""Responses only: the body ends when the server closes the connection."""
+
+#: Largest request or response head accepted. llhttp has no limit of its own; 64 KiB is
+#: Envoy's ``max_request_headers_kb`` default ceiling... and ample for real clients.
+MAX_HEAD_BYTES: Final = 64 * 1024
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and the headers the proxy sets itself.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+SOURCE_HEADER: Final = b"x-meshnode-source"
+ERROR_HEADER: Final = "x-meshnode-error"
+#: Methods a request may be retried for without a policy saying so (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+_DROPPED: Final = HOP_BY_HOP | {SOURCE_HEADER}
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
+_SEPARATOR: Final = b": "
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (never empty: an empty chunk would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK: Final = _LAST_CHUNK
+
+
+class Head:
+    """What both heads share. ``fields`` is the forwarded headers serialized (see the
+    module docstring); ``names`` their lowercased names, ``values`` their values."""
+
+    __slots__ = (
+        "content_length",
+        "fields",
+        "framing",
+        "keep_alive",
+        "names",
+        "values",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.fields: list[bytes] = []
+        self.names: list[bytes] = []
+        self.values: list[bytes] = []
+        self.version = b"1.1"
+        self.keep_alive = True
+        self.framing = NO_BODY
+        self.content_length = -1
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a forwarded header (``name`` lowercase)."""
+        try:
+            return self.values[self.names.index(name)]
+        except ValueError:
+            return None
+
+
+class RequestHead(Head):
+    __slots__ = ("_request", "method", "target")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.method = "GET"
+        self.target = b"/"
+        self._request: HttpRequest | None = None
+
+    def request(self) -> HttpRequest:
+        """What routes and intentions look at (built once, on first use)."""
+        request = self._request
+        if request is None:
+            path, _, query_text = self.target.decode("latin-1").partition("?")
+            query: dict[str, str] = {}
+            if query_text:
+                for key, value in parse_qsl(query_text, keep_blank_values=True):
+                    query.setdefault(key, value)
+            headers: dict[str, str] = {}
+            for raw_name, raw_value in zip(self.names, self.values, strict=True):
+                headers.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
+            request = self._request = HttpRequest(self.method, path, headers, query)
+        return request
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT_METHODS
+
+
+class ResponseHead(Head):
+    __slots__ = ("reason", "status")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status = 200
+        self.reason = b""
+
+    @property
+    def informational(self) -> bool:
+        """1xx (but not 101): forwarded, and the final response follows."""
+        return 100 <= self.status < 200 and self.status != 101
+
+
+# ------------------------------------------------------------------------- readers
+
+
+class _Reader:
+    """The header-collecting half both readers share (httptools callbacks)."""
+
+    __slots__ = ("_connection_tokens", "_head", "_head_bytes", "_in_head", "_parser")
+
+    _head: Head
+
+    def _begin(self, head: Head) -> None:
+        self._head = head
+        self._in_head = True
+        self._head_bytes = 0
+        self._connection_tokens: list[bytes] | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: dropped (module docstring)
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise RemoteProtocolError("head_too_large")
+        lower = name.lower()
+        head = self._head
+        if lower in _DROPPED:
+            if lower == b"transfer-encoding":
+                head.framing = CHUNKED  # llhttp refuses a last coding other than chunked
+            elif lower == b"connection":
+                tokens = self._connection_tokens
+                if tokens is None:
+                    tokens = self._connection_tokens = []
+                tokens.extend(t.strip().lower() for t in value.split(b","))
+            return
+        if lower == b"content-length" and head.framing != CHUNKED:
+            head.framing = LENGTH
+            head.content_length = int(value)  # llhttp has checked the digits
+        head.fields += (name, _SEPARATOR, value, _CRLF)
+        head.names.append(lower)
+        head.values.append(value)
+
+    def _end_head(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> None:
+        self._in_head = False
+        head = self._head
+        head.version = b"1.0" if parser.get_http_version() == "1.0" else b"1.1"
+        head.keep_alive = parser.should_keep_alive()
+        if head.framing == CHUNKED:
+            head.content_length = -1
+        tokens = self._connection_tokens
+        if tokens:
+            _drop_named(head, tokens)
+
+
+def _drop_named(head: Head, tokens: list[bytes]) -> None:
+    """Remove the headers a ``Connection`` header names (hop-by-hop, RFC 9110 §7.6.1)."""
+    named = {token for token in tokens if token and token not in (b"close", b"keep-alive")}
+    if not named:
+        return
+    kept = [i for i, name in enumerate(head.names) if name not in named]
+    head.fields = [part for i in kept for part in head.fields[4 * i : 4 * i + 4]]
+    head.names = [head.names[i] for i in kept]
+    head.values = [head.values[i] for i in kept]
+    if b"content-length" not in head.names and head.framing == LENGTH:
+        head.framing = NO_BODY  # a client that hides its length is not forwarded one
+
+
+class RequestReader(_Reader):
+    """Parses requests from a downstream connection. Subclasses provide
+    ``head_received(head)``, ``on_body(data)`` and ``on_message_complete()``."""
+
+    __slots__ = ("_target_parts",)
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._in_head = False
+        self._target_parts: list[bytes] = []
+
+    def feed(self, data: bytes | memoryview) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied") from None
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RemoteProtocolError):
+                raise cause from None
+            if isinstance(cause, ValueError):
+                raise RemoteProtocolError("malformed", str(cause)) from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise RemoteProtocolError("malformed", str(exc)) from None
+
+    def on_message_begin(self) -> None:
+        self._begin(RequestHead())
+        self._target_parts = []
+
+    def on_url(self, url: bytes) -> None:
+        self._target_parts.append(url)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if parser.should_upgrade():
+            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied")
+        self._end_head(parser)
+        head = self._head
+        assert isinstance(head, RequestHead)
+        parts = self._target_parts
+        head.target = parts[0] if len(parts) == 1 else b"".join(parts)
+        head.method = parser.get_method().decode("ascii")
+        self.head_received(head)
+
+    def head_received(self, head: RequestHead) -> None:
+        raise NotImplementedError
+
+
+class ResponseReader(_Reader):
+    """Parses responses from an upstream connection. Set ``no_body`` before a response
+    to a ``HEAD`` request. Subclasses provide ``head_received(head)``,
+    ``on_body(data)`` and ``on_message_complete()``."""
+
+    __slots__ = ("_ended_at_head", "no_body")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._in_head = False
+        self.no_body = False
+        self._ended_at_head = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _EndedAtHead):
+                self._parser = httptools.HttpResponseParser(self)
+                return
+            if isinstance(cause, RemoteProtocolError):
+                raise cause from None
+            if isinstance(cause, ValueError):
+                raise RemoteProtocolError("malformed", str(cause)) from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise RemoteProtocolError("malformed", str(exc)) from None
+
+    def on_message_begin(self) -> None:
+        self._begin(ResponseHead())
+
+    def on_status(self, reason: bytes) -> None:
+        head = self._head
+        assert isinstance(head, ResponseHead)
+        head.reason += reason
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._end_head(parser)
+        head = self._head
+        assert isinstance(head, ResponseHead)
+        status = head.status = parser.get_status_code()
+        if head.framing == NO_BODY and status >= 200 and status not in (204, 304):
+            head.framing = UNTIL_CLOSE
+        if self.no_body and status >= 200:
+            head.framing = NO_BODY
+            self.head_received(head)
+            self.on_message_complete()
+            # Stop llhttp, which would wait for the announced body; feed() swaps in
+            # a fresh parser (nothing follows a response before the next request).
+            raise _EndedAtHead
+        if status < 200 or status in (204, 304):
+            head.framing = NO_BODY
+        self.head_received(head)
+
+    def head_received(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
+
+
+class _EndedAtHead(Exception):
+    """Raised through llhttp to stop it after the head of a body-less response."""
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def request_bytes(head: RequestHead, target: bytes, extra: bytes = b"") -> bytes:
+    """The head to send upstream: HTTP/1.1, keep-alive, ``extra`` (serialized header
+    lines) added, chunked re-announced when the body is chunked."""
+    framing = b"transfer-encoding: chunked\r\n" if head.framing == CHUNKED else b""
+    return b"".join(
+        (
+            head.method.encode("ascii"),
+            b" ",
+            target,
+            b" HTTP/1.1\r\n",
+            *head.fields,
+            extra,
+            framing,
+            _CRLF,
+        )
+    )
+
+
+def response_bytes(head: ResponseHead, *, chunked: bool, close: bool, http10_client: bool) -> bytes:
+    """The head to send downstream. ``chunked``: the body is re-chunked; ``close``:
+    the connection closes after this response."""
+    if close:
+        connection = b"connection: close\r\n"
+    elif http10_client:
+        connection = b"connection: keep-alive\r\n"
+    else:
+        connection = b""
+    reason = head.reason or _reason(head.status)
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %b\r\n" % (head.status, reason),
+            *head.fields,
+            b"transfer-encoding: chunked\r\n" if chunked else b"",
+            connection,
+            _CRLF,
+        )
+    )
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def rewrite_target(target: bytes, matched: str, replacement: str) -> bytes:
+    """``target`` with the route's matched path prefix replaced (Envoy
+    ``prefix_rewrite``); unchanged when it does not start with ``matched``."""
+    prefix = matched.encode("latin-1")
+    if not matched or not target.startswith(prefix):
+        return target
+    return replacement.encode("latin-1") + target[len(prefix) :]
+
+
+def error_response(
+    status: int, error: str, *, close: bool = False, retry_after: int | None = None
+) -> bytes:
+    """A proxy-generated response: ``x-meshnode-error: <error>`` and a text body."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in error)  # one header line
+    body = (text + "\n").encode("ascii")
+    lines = [
+        b"HTTP/1.1 %d %b\r\n" % (status, _reason(status)),
+        b"content-type: text/plain\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"x-meshnode-error: %b\r\n" % text.encode("ascii"),
+    ]
+    if retry_after is not None:
+        lines.append(b"retry-after: %d\r\n" % max(1, retry_after))
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(_CRLF)
+    lines.append(body)
+    return b"".join(lines)

@@ -1,0 +1,1546 @@
+"""The L7 (HTTP/1.1) data path: the inbound connection handler and the outbound
+listener, with pooled keep-alive upstream connections.
+
+Theory of operation
+-------------------
+A downstream connection is a :class:`_Client` (an ``asyncio`` protocol and an
+``http.RequestReader``): each request it parses becomes an :class:`_Exchange`, which
+decides (intention, rate limit on the inbound side; route, split, breaker, endpoint on
+the outbound side — all asked of the runtime), takes an upstream connection
+(:class:`_Server`, a ``ResponseReader``) from a :class:`_Pool` or opens one, streams the
+request to it and the response back, and finishes: it reports telemetry, gives the
+upstream connection back to the pool when both messages ended cleanly, and tells the
+client, which starts its next request. Everything on the happy path is a callback;
+a task exists only to open a connection (``create_connection`` is a coroutine), and
+a retry waits with ``call_later``.
+
+What makes it fast (reference/proxy-speed.md):
+
+* **Protocols, one write per read.** Within one read, what an exchange produces for a
+  side is staged in a list and written with one ``write`` after the parser returns
+  (:meth:`_Exchange.flush`): a small request is one TLS record and one system call
+  each way. Heads are rebuilt with one ``bytes.join`` of pre-serialized header lines
+  (``http.request_bytes``).
+* **TLS reads into one shared 64 KiB buffer** (``BufferedProtocol``), as in
+  ``proxy/l4``; llhttp copies what it hands over, so the buffer is free again when the
+  parser returns. Plain TCP sides are ``Protocol``: uvloop already reads those into
+  its own buffer.
+* **Pooled keep-alive connections**: per (endpoint host, port, SNI) on the outbound
+  side (mutual TLS; a new one resumes the TLS session of the last full handshake to
+  that key, ``proxy.tls``), per local address on the inbound side (plain TCP). At most
+  :data:`MAX_IDLE_PER_KEY` idle ones per key, most recently used first, closed after
+  :data:`POOL_IDLE_TIMEOUT` idle by one sweep timer per pool.
+
+Streaming and backpressure: bodies are forwarded piece by piece as they are read
+(re-chunked when chunked). When a side's transport buffers more than
+:data:`WRITE_HIGH_WATER` it pauses reading on the side that feeds it, and resumes it
+below the low mark; a client whose request waits for a connection stops being read
+beyond :data:`REPLAY_LIMIT` buffered bytes.
+
+Pipelining: requests are answered in order. A request parsed while another is in
+flight is queued (its body buffered) and the client stops being read until the queue
+drains.
+
+Retries (outbound): a request whose body so far fits in :data:`REPLAY_LIMIT` keeps a
+copy of what was sent, and can be replayed on another endpoint — on connect failure,
+on a reset or a per-try timeout (``on_reset``), on a listed status (for idempotent
+methods unless ``retry_non_idempotent``), within ``num_retries``, the cluster's retry
+budget and ``max_retries`` breaker, after ``proxy.resilience.backoff``. A retry is
+only possible before anything of the response went downstream. Independently of the
+policy, a request that fails on a *reused* pooled connection before any response byte
+(the peer closed an idle connection as we wrote: a race every pool has) is sent
+again once on a new connection, on both sides.
+
+Errors the proxy generates carry ``x-meshnode-error`` (``http.error_response``). A
+failure after a response has started can only be reported by closing the client.
+
+Timeouts: the route's (outbound) or the service's (inbound) request timeout runs from
+the request's start until the response's head arrives; ``per_try_timeout`` likewise
+per attempt. A streaming response body is then limited by neither (nor by an idle
+timeout: a long download stays open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, cast
+
+from proxy import tls
+from proxy.errors import RemoteProtocolError
+from proxy.l7.http import (
+    CHUNKED,
+    LAST_CHUNK,
+    SOURCE_HEADER,
+    UNTIL_CLOSE,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+    chunk,
+    error_response,
+    request_bytes,
+    response_bytes,
+    rewrite_target,
+)
+from proxy.resilience import CONNECT_FAILED, RESET, TIMEOUT, backoff
+
+if TYPE_CHECKING:
+    from proxy.resilience import CircuitBreaker
+    from proxy.runtime import ClusterRuntime, InboundRuntime, UpstreamRuntime
+    from proxy.snapshot import Endpoint, InboundTarget, LocalService, Route
+    from proxy.telemetry import AccessLogger, Direction, Telemetry
+
+#: The shared TLS read buffer (see proxy/l4: bigger TLS reads are slower).
+READ_BUFFER_BYTES: Final = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
+#: Request bytes kept for a replay (a retry), and buffered while waiting for a
+#: connection before the client stops being read. Envoy's default
+#: ``per_request_buffer_limit_bytes`` is 1 MiB; 64 KiB covers API requests, and a
+#: bigger body streams and is simply not retried.
+REPLAY_LIMIT: Final = 64 * 1024
+#: Idle connections kept per pool key: enough for a burst of concurrent requests to
+#: find warm connections again, few enough that a pool of a thousand keys stays small.
+MAX_IDLE_PER_KEY: Final = 64
+#: Idle pooled connections are closed after this long. Below the inbound side's own
+#: idle timeout, so the client end (which reuses) closes first; typical application
+#: servers keep idle connections 5-75 s, and a reuse that races their close is retried.
+POOL_IDLE_TIMEOUT: Final = 30.0
+DEFAULT_BACKLOG: Final = 1024
+#: A client's request body read after the proxy answered (e.g. a 403) is drained up to
+#: this many bytes to keep the connection; beyond, the connection is closed.
+DRAIN_LIMIT: Final = 64 * 1024
+
+Address = tuple[str, int]
+
+# Why a client is not being read (a bit each; it reads when none is set).
+_PAUSE_QUEUE: Final = 1
+_PAUSE_PEER: Final = 2
+_PAUSE_PENDING: Final = 4
+
+
+class _ReadBuffer:
+    __slots__ = ("view",)
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_BUFFER_BYTES))
+
+
+class _ConnectFailure(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------- pool
+
+
+class _Pool:
+    """Idle upstream connections by key. ``generation`` moves on when what the
+    connections were made with (certificates) changes: older ones are not reused."""
+
+    __slots__ = ("_handle", "_idle", "_loop", "generation", "live")
+
+    def __init__(self) -> None:
+        self._idle: dict[object, list[_Server]] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.generation = 0
+        self.live: set[_Server] = set()
+
+    def take(self, key: object) -> _Server | None:
+        idle = self._idle.get(key)
+        while idle:
+            server = idle.pop()
+            if server.generation == self.generation and not server.transport.is_closing():
+                server.reused = True
+                return server
+            server.close()
+        return None
+
+    def put(self, server: _Server) -> None:
+        """``server`` finished an exchange cleanly and may be reused."""
+        if server.generation != self.generation or server.transport.is_closing():
+            server.close()
+            return
+        idle = self._idle.get(server.key)
+        if idle is None:
+            idle = self._idle[server.key] = []
+        if len(idle) >= MAX_IDLE_PER_KEY:
+            server.close()
+            return
+        loop = server.loop
+        server.idle_since = loop.time()
+        server.exchange = None
+        if server.paused:
+            server.paused = False
+            server.transport.resume_reading()  # an idle connection must see a close
+        idle.append(server)
+        if self._handle is None:
+            self._loop = loop
+            self._handle = loop.call_later(POOL_IDLE_TIMEOUT / 2, self._sweep)
+
+    def forget(self, server: _Server) -> None:
+        idle = self._idle.get(server.key)
+        if idle is not None and server in idle:
+            idle.remove(server)
+            if not idle:
+                del self._idle[server.key]
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        self._handle = None
+        deadline = self._loop.time() - POOL_IDLE_TIMEOUT
+        for key, idle in list(self._idle.items()):
+            for server in [s for s in idle if s.idle_since < deadline]:
+                server.close()  # connection_lost forgets it
+            if not idle:
+                self._idle.pop(key, None)
+        if self._idle:
+            self._handle = self._loop.call_later(POOL_IDLE_TIMEOUT / 2, self._sweep)
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        for server in list(self.live):
+            server.transport.abort()
+        self._idle.clear()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+class _Server(ResponseReader):
+    """An upstream connection (to a local instance, or mTLS to another host's
+    inbound port). Serves one exchange at a time; idle in its pool between them."""
+
+    __slots__ = (
+        "breaker",
+        "draining",
+        "exchange",
+        "generation",
+        "idle_since",
+        "informational",
+        "key",
+        "loop",
+        "paused",
+        "pool",
+        "reused",
+        "session_context",
+        "transport",
+    )
+
+    def __init__(self, pool: _Pool, key: object) -> None:
+        super().__init__()
+        self.pool = pool
+        self.key = key
+        self.generation = pool.generation
+        self.exchange: _Exchange | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.session_context: tls.MeshContext | None = None
+        self.idle_since = 0.0
+        self.informational = False
+        self.reused = False
+        self.draining = False
+        self.paused = False
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.pool.live.add(self)
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        exchange = self.exchange
+        if exchange is None and not self.draining:
+            self.transport.abort()  # bytes nobody asked for: not reusable
+            return
+        try:
+            self.feed(data)
+        except RemoteProtocolError as exc:
+            self.transport.abort()
+            if exchange is not None and exchange.server is self:
+                exchange.server_failed(self, f"malformed response: {exc.reason}")
+            return
+        if exchange is not None:
+            exchange.flush()
+
+    def head_received(self, head: ResponseHead) -> None:
+        self.informational = head.informational
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_head(self, head)
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_end(self, self._head.keep_alive)
+        elif self.draining:
+            self.draining = False
+            if self._head.keep_alive:
+                self.pool.put(self)
+            else:
+                self.close()
+
+    def pause_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client.pause(_PAUSE_PEER)
+
+    def resume_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client.resume(_PAUSE_PEER)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.live.discard(self)
+        self.pool.forget(self)
+        if self.breaker is not None:
+            self.breaker.connection_closed()
+            self.breaker = None
+        exchange = self.exchange
+        self.exchange = None
+        if exchange is not None and exchange.server is self:
+            exchange.server_lost(self)
+
+    def close(self) -> None:
+        self.exchange = None
+        self.transport.close()
+
+
+class _TcpServer(_Server, asyncio.Protocol):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+
+class _TlsServer(_Server, asyncio.BufferedProtocol):
+    __slots__ = ("reads",)
+
+    def __init__(self, pool: _Pool, key: object, reads: _ReadBuffer) -> None:
+        super().__init__(pool, key)
+        self.reads = reads
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        context = self.session_context
+        if context is not None:
+            # TLS 1.3 tickets arrive after the handshake: the first read has them.
+            self.session_context = None
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                context.remember_session(ssl_object)
+        self._feed(self.reads.view[:nbytes])
+
+
+# ------------------------------------------------------------------------- downstream
+
+
+class _Frontend:
+    """What a client's requests are exchanged with: makes the exchange objects."""
+
+    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
+        raise NotImplementedError
+
+    def client_closed(self, client: _Client) -> None:
+        raise NotImplementedError
+
+
+class _Client(RequestReader):
+    """A downstream connection: parses requests, runs their exchanges in order."""
+
+    __slots__ = (
+        "_active",
+        "_eof",
+        "_frontend",
+        "_parsing",
+        "_paused",
+        "_queue",
+        "_starting",
+        "closed",
+        "loop",
+        "transport",
+    )
+
+    def __init__(self, frontend: _Frontend) -> None:
+        super().__init__()
+        self._frontend = frontend
+        self._active: _Exchange | None = None
+        self._parsing: _Exchange | None = None
+        self._queue: deque[_Exchange] = deque()
+        self._paused = 0
+        self._starting = False
+        self._eof = False
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def _feed(self, data: bytes | memoryview) -> None:
+        try:
+            self.feed(data)
+        except RemoteProtocolError as exc:
+            self._bad_request(exc)
+        active = self._active
+        if active is not None:
+            active.flush()
+
+    def _bad_request(self, exc: RemoteProtocolError) -> None:
+        """Answer 400 after what is in flight (or now) and close."""
+        self.pause(_PAUSE_QUEUE)
+        response = error_response(400, f"bad-request: {exc}", close=True)
+        if self._active is None:
+            self.transport.write(response)
+            self.transport.close()
+        else:
+            self._queue.clear()
+            self._active.bad_request_after = response
+
+    # ------------------------------------------------------ parser callbacks
+
+    def head_received(self, head: RequestHead) -> None:
+        exchange = self._frontend.new_exchange(self, head)
+        self._parsing = exchange
+        if self._active is None and not self._queue:
+            self._active = exchange
+            exchange.start()
+        else:
+            self._queue.append(exchange)
+            self.pause(_PAUSE_QUEUE)
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self._parsing
+        if exchange is not None:
+            exchange.request_body(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self._parsing
+        self._parsing = None
+        if exchange is not None:
+            exchange.request_end()
+
+    # ---------------------------------------------------------- exchanges
+
+    def exchange_finished(self, exchange: _Exchange, keep_alive: bool) -> None:
+        if exchange is not self._active:
+            return
+        self._active = None
+        if exchange.bad_request_after is not None:
+            if not self.closed:
+                self.transport.write(exchange.bad_request_after)
+            keep_alive = False
+        if not keep_alive or self.closed or self._eof:
+            self._queue.clear()
+            self.close()
+            return
+        if self._starting:
+            return  # the loop below starts the next one
+        self._starting = True
+        try:
+            while self._active is None and self._queue and not self.closed:
+                following = self._active = self._queue.popleft()
+                following.start()
+                following.flush()
+        finally:
+            self._starting = False
+        if not self._queue:
+            self.resume(_PAUSE_QUEUE)
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and not self.closed:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    # ---------------------------------------------------------- transport
+
+    def pause_writing(self) -> None:
+        active = self._active
+        if active is not None:
+            active.pause_server()
+
+    def resume_writing(self) -> None:
+        active = self._active
+        if active is not None:
+            active.resume_server()
+
+    def eof_received(self) -> bool | None:
+        # A client may half-close after its request (plain TCP): answer, then close.
+        if self._active is None:
+            return False
+        self._eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        active = self._active
+        self._active = None
+        self._queue.clear()
+        if active is not None:
+            active.client_lost()
+        parsing = self._parsing
+        if parsing is not None and parsing is not active:
+            parsing.client_lost()
+        self._frontend.client_closed(self)
+
+
+class _TcpClient(_Client, asyncio.Protocol):
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+
+class _TlsClient(_Client, asyncio.BufferedProtocol):
+    __slots__ = ("reads",)
+
+    def __init__(self, frontend: _Frontend, reads: _ReadBuffer) -> None:
+        super().__init__(frontend)
+        self.reads = reads
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reads.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._feed(self.reads.view[:nbytes])
+
+    def eof_received(self) -> bool | None:
+        return False  # TLS cannot half-close (see proxy/l4)
+
+
+# --------------------------------------------------------------------------- exchange
+
+
+class _Exchange:
+    """One request and its response (see the module docstring). Subclasses decide
+    (``start``), connect (``_attempt``) and handle failures (``_attempt_failed``)."""
+
+    __slots__ = (
+        "_connecting",
+        "_down",
+        "_drained",
+        "_finished",
+        "_request_done",
+        "_response_done",
+        "_timer",
+        "_up",
+        "_up_bytes",
+        "attempts",
+        "bad_request_after",
+        "bytes_in",
+        "bytes_out",
+        "chunked_out",
+        "client",
+        "close_after",
+        "error",
+        "head",
+        "replay",
+        "replay_bytes",
+        "response",
+        "server",
+        "started",
+        "status",
+        "upstream_name",
+    )
+
+    def __init__(self, client: _Client, head: RequestHead) -> None:
+        self.client = client
+        self.head = head
+        self.started = client.loop.time()
+        self.server: _Server | None = None
+        self.response: ResponseHead | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._up: list[bytes] = []
+        self._up_bytes = 0
+        self._down: list[bytes] = []
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self._request_done = False
+        self._response_done = False
+        self._finished = False
+        self._drained = 0
+        self.chunked_out = False
+        self.close_after = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0
+        self.error = ""
+        self.attempts = 0
+        self.upstream_name = ""
+        self.bad_request_after: bytes | None = None
+
+    # --------------------------------------------------------- to subclass
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _attempt(self) -> None:
+        raise NotImplementedError
+
+    def _attempt_failed(self, outcome: int, status: int, error: str) -> None:
+        raise NotImplementedError
+
+    def _end_attempt(self, outcome: int | None) -> None:
+        """The current attempt ended (``outcome`` for outlier detection, or None)."""
+
+    def _released(self) -> None:
+        """The exchange is over: release what ``start`` counted."""
+
+    def _report(self) -> None:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- request
+
+    def send_up(self, data: bytes) -> None:
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.replay = None
+        self._up.append(data)
+        if self.server is None:
+            self._up_bytes += len(data)
+            if self._up_bytes > REPLAY_LIMIT:
+                self.client.pause(_PAUSE_PENDING)
+
+    def request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self._response_done:
+            self._drained += len(data)
+            if self._drained > DRAIN_LIMIT:
+                self.close_after = True
+                self.client.close()
+            return
+        self.send_up(chunk(data) if self.head.framing == CHUNKED else data)
+
+    def request_end(self) -> None:
+        self._request_done = True
+        if self._response_done:
+            self._maybe_finish()
+            return
+        if self.head.framing == CHUNKED:
+            self.send_up(LAST_CHUNK)
+
+    def flush(self) -> None:
+        up = self._up
+        if up:
+            server = self.server
+            if server is not None:
+                server.transport.write(up[0] if len(up) == 1 else b"".join(up))
+                up.clear()
+        down = self._down
+        if down:
+            if not self.client.closed:
+                self.client.transport.write(down[0] if len(down) == 1 else b"".join(down))
+            down.clear()
+
+    # --------------------------------------------------------- upstream
+
+    def attach(self, server: _Server) -> None:
+        """Send the request (so far) on ``server``."""
+        self.server = server
+        self.attempts += 1
+        server.exchange = self
+        server.no_body = self.head.method == "HEAD"
+        self._up_bytes = 0
+        self.client.resume(_PAUSE_PENDING)
+        self.flush()
+
+    def _restage(self) -> bool:
+        """Stage the whole request again for another attempt; False if not kept."""
+        if self.replay is None:
+            return False
+        self._up = list(self.replay)
+        self._up_bytes = self.replay_bytes
+        return True
+
+    def _detach(self, reusable: bool) -> None:
+        """Stop using the current upstream connection: back to its pool (once its
+        response has been read, if ``reusable``) or closed."""
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        server.exchange = None
+        if reusable:
+            server.draining = True  # on_message_complete gives it back
+        else:
+            server.transport.abort()
+        self.client.resume(_PAUSE_PEER)
+
+    def pause_server(self) -> None:
+        server = self.server
+        if server is not None and not server.paused:
+            server.paused = True
+            server.transport.pause_reading()
+
+    def resume_server(self) -> None:
+        server = self.server
+        if server is not None and server.paused:
+            server.paused = False
+            server.transport.resume_reading()
+
+    def response_head(self, server: _Server, head: ResponseHead) -> None:
+        if head.informational:
+            if self.response is None:
+                self._down.append(response_bytes_informational(head))
+            return
+        if not self._accept_response(head):
+            return
+        self._cancel_timers()
+        self.status = head.status
+        self.response = head
+        client = self.client
+        http10 = self.head.version == b"1.0"
+        self.chunked_out = head.framing in (CHUNKED, UNTIL_CLOSE) and not http10
+        self.close_after = close = (
+            self.close_after
+            or not self.head.keep_alive
+            or (head.framing == UNTIL_CLOSE and http10)
+            or self.bad_request_after is not None
+            or client.closed
+        )
+        self._down.append(
+            response_bytes(head, chunked=self.chunked_out, close=close, http10_client=http10)
+        )
+
+    def _accept_response(self, head: ResponseHead) -> bool:
+        """Whether to forward this response (False: retried instead)."""
+        return True
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self._down.append(chunk(data) if self.chunked_out else data)
+
+    def response_end(self, server: _Server, keep_alive: bool) -> None:
+        if self.chunked_out:
+            self._down.append(LAST_CHUNK)
+        self.flush()
+        self._end_attempt(None)
+        self.server = None
+        server.exchange = None
+        if keep_alive and self._request_done and not server.transport.is_closing():
+            server.pool.put(server)
+        else:
+            server.close()
+        self.client.resume(_PAUSE_PEER)
+        self._response_done = True
+        self._maybe_finish()
+
+    def server_lost(self, server: _Server) -> None:
+        """The upstream connection closed while this exchange used it."""
+        self.server = None
+        head = self.response
+        if head is not None and head.framing == UNTIL_CLOSE and not self._response_done:
+            # The close is the end of the body.
+            if self.chunked_out:
+                self._down.append(LAST_CHUNK)
+            self.flush()
+            self._end_attempt(None)
+            self._response_done = True
+            self._maybe_finish()
+            return
+        self.server_failed(server, "upstream connection reset")
+
+    def server_failed(self, server: _Server, detail: str) -> None:
+        self.server = None
+        server.exchange = None
+        if self.response is not None:
+            # Part of the response went downstream: only a close can tell.
+            self._end_attempt(RESET)
+            self.error = f"reset: {detail}"
+            self.close_after = True
+            self.client.transport.abort()
+            self.client.closed = True
+            self._response_done = True
+            self._request_done = True
+            self._maybe_finish()
+            return
+        if server.reused and self.attempts == 1 and not self.bytes_out and self._restage():
+            # A pooled connection closed as we reused it: once more on a new one.
+            self._end_attempt(None)
+            self._attempt_fresh()
+            return
+        self._attempt_failed(RESET, 502, f"reset: {detail}")
+
+    def _attempt_fresh(self) -> None:
+        self._attempt()
+
+    # ------------------------------------------------------------ ending
+
+    def respond_error(self, status: int, error: str, retry_after: int | None = None) -> None:
+        """A proxy-generated response (see the module docstring)."""
+        self._cancel_timers()
+        self.status = status
+        self.error = error
+        if self.response is not None or self.client.closed:
+            if not self.client.closed:
+                self.client.closed = True
+                self.client.transport.abort()
+            self._response_done = self._request_done = True
+            self._maybe_finish()
+            return
+        close = not self.head.keep_alive or self.bad_request_after is not None
+        self.close_after = close
+        self._down.append(error_response(status, error, close=close, retry_after=retry_after))
+        self.flush()
+        self._response_done = True
+        self._up.clear()
+        self.replay = None
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._finished or not self._response_done:
+            return
+        if not self._request_done and not self.client.closed:
+            return  # still draining the request body (see request_body)
+        self._finished = True
+        self._cancel_timers()
+        self._released()
+        self._report()
+        self.client.exchange_finished(self, not self.close_after)
+
+    def client_lost(self) -> None:
+        """The client went away: drop the upstream side, count what happened."""
+        if self._finished:
+            return
+        if self._connecting is not None:
+            self._abandon_connect()
+        if self.server is not None:
+            self._end_attempt(None)
+            self._detach(False)
+        if not self.status or not self._response_done:
+            self.status = self.status or 499
+            self.error = self.error or "client closed the connection"
+        self._response_done = self._request_done = True
+        self.close_after = True
+        self._maybe_finish()
+
+    def _abandon_connect(self) -> None:
+        task = self._connecting
+        self._connecting = None
+        if task is not None:
+            task.cancel()
+
+    def _cancel_timers(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+
+    def _timed_out(self, limit: float) -> None:
+        self._timer = None
+        if self._finished or self.response is not None:
+            return
+        if self._connecting is not None:
+            self._abandon_connect()
+        if self.server is not None:
+            self._detach(False)
+        self._end_attempt(TIMEOUT)
+        self._on_timeout()
+        self.respond_error(504, f"timeout: no response within {limit:g}s")
+
+    def _on_timeout(self) -> None:
+        pass
+
+    def _log_record(
+        self,
+        direction: Direction,
+        source: str,
+        source_id: str,
+        destination: str,
+        route: str,
+        cluster: str,
+    ) -> dict[str, object]:
+        return {
+            "time": time.time(),
+            "direction": direction,
+            "source": source,
+            "source_id": source_id,
+            "destination": destination,
+            "route": route,
+            "cluster": cluster,
+            "upstream": self.upstream_name,
+            "protocol": "http",
+            "method": self.head.method,
+            "path": self.head.target.decode("latin-1"),
+            "status": self.status,
+            "duration_ms": round((self.client.loop.time() - self.started) * 1000.0, 3),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+def response_bytes_informational(head: ResponseHead) -> bytes:
+    return b"".join((b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason), *head.fields, b"\r\n"))
+
+
+# ---------------------------------------------------------------------------- inbound
+
+
+class _InboundConnection(_Frontend):
+    """One mTLS connection taken over from the L4 inbound listener."""
+
+    __slots__ = ("inbound", "on_close", "peer_id", "service", "source", "source_header", "target")
+
+    def __init__(
+        self,
+        inbound: HttpInbound,
+        service: LocalService,
+        target: InboundTarget,
+        peer_id: str | None,
+        on_close: Callable[[], None] | None,
+    ) -> None:
+        self.inbound = inbound
+        self.service = service
+        self.target = target
+        self.peer_id = peer_id
+        self.source = inbound._runtime.source(peer_id)
+        self.source_header = b"%b: %b\r\n" % (SOURCE_HEADER, self.source.encode("latin-1"))
+        self.on_close = on_close
+
+    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
+        return _InboundExchange(client, head, self)
+
+    def client_closed(self, client: _Client) -> None:
+        self.inbound._clients.discard(client)
+        if self.on_close is not None:
+            self.on_close()
+
+
+class _InboundExchange(_Exchange):
+    __slots__ = ("_address", "_connection", "_fresh", "_runtime", "_service")
+
+    def __init__(self, client: _Client, head: RequestHead, connection: _InboundConnection) -> None:
+        super().__init__(client, head)
+        self._connection = connection
+        self._fresh = False
+
+    def start(self) -> None:
+        connection = self._connection
+        inbound = connection.inbound
+        runtime = self._runtime = inbound._runtime
+        service = self._service = runtime.service(connection.service.name) or connection.service
+        name = service.name
+        head = self.head
+        verdict = runtime.authorize_request(connection.peer_id, name, head.request())
+        if not verdict.allowed:
+            inbound._telemetry.denied(connection.source, name, "l7")
+            self.respond_error(403, f"intention: denied by {verdict.rule}")
+            return
+        wait = runtime.rate_limit(connection.source, name, self.client.loop.time())
+        if wait > 0:
+            inbound._telemetry.rate_limited(connection.source, name)
+            self.respond_error(429, f"rate-limit: {name}", retry_after=max(1, math.ceil(wait)))
+            return
+        self._address = runtime.local_address(connection.target)
+        self.upstream_name = f"{self._address[0]}:{self._address[1]}"
+        # The head goes first in _up: body pieces parsed later are appended after it.
+        self._up.insert(0, request_bytes(head, head.target, connection.source_header))
+        if self.replay is not None:
+            self.replay.insert(0, self._up[0])
+            self.replay_bytes += len(self._up[0])
+        if service.request_timeout > 0:
+            self._timer = self.client.loop.call_later(
+                service.request_timeout, self._timed_out, service.request_timeout
+            )
+        self._attempt()
+
+    def _attempt(self) -> None:
+        pool = self._connection.inbound._pool
+        server = None if self._fresh else pool.take(self._address)
+        if server is not None:
+            self.attach(server)
+            return
+        loop = self.client.loop
+        self._connecting = loop.create_task(self._connect(loop, pool))
+
+    def _attempt_fresh(self) -> None:
+        self._fresh = True
+        self._attempt()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, pool: _Pool) -> None:
+        address = self._address
+        timeout = self._service.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                _, server = await loop.create_connection(
+                    lambda: _TcpServer(pool, address), *address
+                )
+        except (OSError, TimeoutError) as exc:
+            self._connecting = None
+            if self._finished:
+                return
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            self._attempt_failed(
+                CONNECT_FAILED, 503, f"local-unavailable: {address[0]}:{address[1]}: {reason}"
+            )
+            return
+        self._connecting = None
+        if self._finished or self.response is not None:
+            pool.put(server)
+            return
+        self.attach(server)
+
+    def _attempt_failed(self, outcome: int, status: int, error: str) -> None:
+        if outcome == RESET:
+            error = error.replace("reset:", "reset: local instance", 1)
+        self.respond_error(status, error)
+
+    def _on_timeout(self) -> None:
+        self._connection.inbound._telemetry.timeout(self._connection.source, self._service.name)
+
+    def _report(self) -> None:
+        connection = self._connection
+        inbound = connection.inbound
+        seconds = self.client.loop.time() - self.started
+        name = connection.service.name
+        inbound._telemetry.request(
+            "inbound", connection.source, name, self.status, seconds, self.bytes_in, self.bytes_out
+        )
+        if inbound._access_log.sampled():
+            record = self._log_record(
+                "inbound", connection.source, connection.peer_id or "", name, "", ""
+            )
+            inbound._access_log.log(record)
+
+
+class HttpInbound:
+    """One per inbound listener: HTTP connections for services whose protocol is http."""
+
+    def __init__(
+        self,
+        runtime: InboundRuntime,
+        telemetry: Telemetry,
+        access_log: AccessLogger,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._telemetry = telemetry
+        self._access_log = access_log
+        self._rng = rng or random.Random()
+        self._reads = _ReadBuffer()
+        self._pool = _Pool()
+        self._clients: set[_Client] = set()
+
+    def update(self, runtime: InboundRuntime) -> None:
+        """A new snapshot: new requests use it."""
+        self._runtime = runtime
+
+    def take_over(
+        self,
+        transport: asyncio.Transport,
+        service: LocalService,
+        target: InboundTarget,
+        peer_id: str | None,
+        *,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """From now on ``transport`` (mTLS, handshake done, nothing read) speaks HTTP
+        to ``service``. ``on_close`` is called once when the connection closes (the
+        caller's connection accounting: it no longer sees ``connection_lost``)."""
+        connection = _InboundConnection(self, service, target, peer_id, on_close)
+        client = _TlsClient(connection, self._reads)
+        self._clients.add(client)
+        transport.set_protocol(client)
+        client.connection_made(transport)
+        if not transport.is_reading():
+            transport.resume_reading()
+
+    def open_connections(self) -> int:
+        return len(self._clients)
+
+    async def aclose(self) -> None:
+        """Close idle pooled connections and open ones."""
+        for client in list(self._clients):
+            client.transport.abort()
+        self._pool.close()
+        await asyncio.sleep(0)
+
+
+# --------------------------------------------------------------------------- outbound
+
+
+class _OutboundExchange(_Exchange):
+    __slots__ = (
+        "_cluster",
+        "_endpoint",
+        "_fresh",
+        "_hash_key",
+        "_in_retry",
+        "_listener",
+        "_pending",
+        "_retries",
+        "_retry_handle",
+        "_route",
+        "_runtime",
+        "_tried",
+        "_try_timer",
+    )
+
+    def __init__(self, client: _Client, head: RequestHead, listener: HttpOutboundListener) -> None:
+        super().__init__(client, head)
+        self._listener = listener
+        self._runtime = listener._runtime
+        self._cluster: ClusterRuntime | None = None
+        self._route: Route | None = None
+        self._endpoint: Endpoint | None = None
+        self._tried: list[Endpoint] = []
+        self._retries = 0
+        self._in_retry = False
+        self._pending = False
+        self._fresh = False
+        self._try_timer: asyncio.TimerHandle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._hash_key: int | None = None
+
+    def start(self) -> None:
+        listener = self._listener
+        runtime = self._runtime = listener._runtime
+        upstream = runtime.upstream
+        head = self.head
+        request = head.request()
+        route = self._route = runtime.route(request)
+        cluster = runtime.resolve(runtime.split(route))
+        if cluster is None:
+            listener._telemetry.no_endpoint(upstream.source, upstream.destination)
+            self.respond_error(503, f"no-healthy-endpoint: {upstream.destination}")
+            return
+        name = cluster.cluster.name
+        limit = cluster.breaker.allow_request()
+        if limit is not None:
+            listener._telemetry.breaker_trip(upstream.destination, name, limit)
+            self.respond_error(503, f"circuit-breaker: {limit} ({name})")
+            return
+        cluster.breaker.request_started()
+        cluster.budget.request_started()
+        self._cluster = cluster  # from here on, _released() ends what was started
+        if cluster.cluster.load_balancing.policy == "ring_hash":
+            self._hash_key = runtime.hash_key(cluster, request, "127.0.0.1")
+        target = head.target
+        if route.prefix_rewrite:
+            match = route.match
+            target = rewrite_target(
+                target, match.path_prefix or match.path_exact, route.prefix_rewrite
+            )
+        first = request_bytes(head, target)
+        self._up.insert(0, first)
+        if self.replay is not None:
+            self.replay.insert(0, first)
+            self.replay_bytes += len(first)
+        if route.request_timeout > 0:
+            self._timer = self.client.loop.call_later(
+                route.request_timeout, self._timed_out, route.request_timeout
+            )
+        self._attempt()
+
+    # ----------------------------------------------------------- attempts
+
+    def _attempt(self) -> None:
+        self._retry_handle = None
+        if self._finished:
+            return
+        cluster = self._cluster
+        assert cluster is not None
+        loop = self.client.loop
+        now = loop.time()
+        endpoint = cluster.pick(now, self._tried, self._hash_key)
+        if endpoint is None and self._tried:
+            endpoint = cluster.pick(now, (), self._hash_key)
+        if endpoint is None:
+            upstream = self._runtime.upstream
+            self._listener._telemetry.no_endpoint(upstream.source, upstream.destination)
+            self.respond_error(503, f"no-healthy-endpoint: {cluster.cluster.name}")
+            return
+        self._tried.append(endpoint)
+        self._endpoint = endpoint
+        cluster.request_started(endpoint)
+        if self._retries:
+            self._in_retry = True
+            cluster.breaker.retry_started()
+            cluster.budget.retry_started()
+        self.upstream_name = f"{endpoint.host}:{endpoint.port}"
+        assert self._route is not None
+        per_try = self._route.retry.per_try_timeout
+        if per_try > 0:
+            self._try_timer = loop.call_later(per_try, self._try_timed_out, per_try)
+        key = (endpoint.host, endpoint.port, endpoint.sni)
+        listener = self._listener
+        server = None if self._fresh else listener._pool.take(key)
+        if server is not None:
+            self.attach(server)
+            return
+        breaker = cluster.breaker
+        limit = breaker.allow_pending() or breaker.allow_connection()
+        if limit is not None:
+            name = cluster.cluster.name
+            listener._telemetry.breaker_trip(self._runtime.upstream.destination, name, limit)
+            self._end_attempt(None)
+            self.respond_error(503, f"circuit-breaker: {limit} ({name})")
+            return
+        breaker.pending_added()
+        self._pending = True
+        self._connecting = loop.create_task(self._connect(loop, endpoint, key, cluster))
+
+    def _attempt_fresh(self) -> None:
+        self._fresh = True
+        self._attempt()
+
+    async def _connect(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        endpoint: Endpoint,
+        key: tuple[str, int, str],
+        cluster: ClusterRuntime,
+    ) -> None:
+        listener = self._listener
+        pool = listener._pool
+        address = (endpoint.host, endpoint.port)
+        context = listener._contexts.context_for(address, endpoint.sni)
+        timeout = cluster.cluster.connect_timeout
+        server: _Server
+        try:
+            async with asyncio.timeout(timeout):
+                transport, server = await loop.create_connection(
+                    lambda: _TlsServer(pool, key, listener._reads),
+                    *address,
+                    ssl=context,
+                    server_hostname=endpoint.sni,
+                    ssl_handshake_timeout=timeout,
+                )
+            ssl_object = transport.get_extra_info("ssl_object")
+            if tls.peer_spiffe_id(ssl_object) != cluster.cluster.identity:
+                listener._telemetry.handshake_failure("outbound", tls.WRONG_IDENTITY)
+                transport.abort()
+                raise _ConnectFailure("wrong server identity")
+        except (OSError, TimeoutError, _ConnectFailure) as exc:
+            self._connect_done()
+            if isinstance(exc, TimeoutError):
+                reason = "timed out"
+            elif isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            else:
+                reason = str(exc) or type(exc).__name__
+            if self._endpoint is endpoint and not self._finished:
+                self._attempt_failed(
+                    CONNECT_FAILED,
+                    503,
+                    f"connect-failure: {endpoint.host}:{endpoint.port}: {reason}",
+                )
+            return
+        self._connect_done()
+        server.session_context = context
+        server.breaker = cluster.breaker
+        cluster.breaker.connection_opened()
+        if self._finished or self._endpoint is not endpoint or self.response is not None:
+            pool.put(server)
+            return
+        self.attach(server)
+
+    def _connect_done(self) -> None:
+        self._connecting = None
+        if self._pending:
+            self._pending = False
+            assert self._cluster is not None
+            self._cluster.breaker.pending_removed()
+
+    def _abandon_connect(self) -> None:
+        super()._abandon_connect()
+        if self._pending:
+            self._pending = False
+            assert self._cluster is not None
+            self._cluster.breaker.pending_removed()
+
+    def _end_attempt(self, outcome: int | None) -> None:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        self._endpoint = None
+        cluster = self._cluster
+        assert cluster is not None
+        timer = self._try_timer
+        if timer is not None:
+            self._try_timer = None
+            timer.cancel()
+        cluster.request_finished(endpoint)
+        if self._in_retry:
+            self._in_retry = False
+            cluster.breaker.retry_finished()
+            cluster.budget.retry_finished()
+        if outcome is not None:
+            self._record(cluster, endpoint, outcome)
+
+    def _record(self, cluster: ClusterRuntime, endpoint: Endpoint, outcome: int) -> None:
+        # Ejections are pulled from the runtime (Compiled.take_events) and counted by
+        # the worker: the detector outlives this snapshot's objects.
+        cluster.record(endpoint, outcome, self.client.loop.time())
+
+    def _accept_response(self, head: ResponseHead) -> bool:
+        cluster = self._cluster
+        endpoint = self._endpoint
+        assert cluster is not None
+        if endpoint is not None:
+            self._record(cluster, endpoint, head.status)
+            timer = self._try_timer
+            if timer is not None:
+                self._try_timer = None
+                timer.cancel()
+        assert self._route is not None
+        if head.status in self._route.retry.on_status_codes and self._may_retry(head.status):
+            self._endpoint = None  # recorded above
+            self._end_attempt_counts(cluster, endpoint)
+            self._detach(self._request_done)
+            self._retry()
+            return False
+        return True
+
+    def _end_attempt_counts(self, cluster: ClusterRuntime, endpoint: Endpoint | None) -> None:
+        if endpoint is not None:
+            cluster.request_finished(endpoint)
+        if self._in_retry:
+            self._in_retry = False
+            cluster.breaker.retry_finished()
+            cluster.budget.retry_finished()
+
+    def response_end(self, server: _Server, keep_alive: bool) -> None:
+        self._endpoint_done()
+        super().response_end(server, keep_alive)
+
+    def _endpoint_done(self) -> None:
+        """The response head was recorded already: end the attempt without a record."""
+        cluster = self._cluster
+        if cluster is not None and self._endpoint is not None:
+            endpoint, self._endpoint = self._endpoint, None
+            self._end_attempt_counts(cluster, endpoint)
+
+    def server_lost(self, server: _Server) -> None:
+        if self.response is not None:
+            self._endpoint_done()
+        super().server_lost(server)
+
+    def _may_retry(self, outcome: int) -> bool:
+        route = self._route
+        cluster = self._cluster
+        assert route is not None and cluster is not None
+        policy = route.retry
+        if self.response is not None or self._retries >= policy.num_retries:
+            return False
+        if outcome == CONNECT_FAILED:
+            if not policy.on_connect_failure:
+                return False
+        else:
+            if outcome in (RESET, TIMEOUT) and not (
+                policy.on_reset or (outcome == TIMEOUT and 504 in policy.on_status_codes)
+            ):
+                return False
+            if not (self.head.idempotent or policy.retry_non_idempotent):
+                return False
+        if self.replay is None:
+            return False
+        if not cluster.budget.can_retry():
+            return False
+        limit = cluster.breaker.allow_retry()
+        if limit is not None:
+            upstream = self._runtime.upstream
+            self._listener._telemetry.breaker_trip(
+                upstream.destination, cluster.cluster.name, limit
+            )
+            return False
+        return True
+
+    def _retry(self) -> None:
+        assert self._route is not None
+        policy = self._route.retry
+        self._retries += 1
+        self._restage()
+        upstream = self._runtime.upstream
+        self._listener._telemetry.retry(upstream.source, upstream.destination)
+        delay = backoff(
+            self._retries,
+            base=policy.backoff_base,
+            max_interval=max(policy.backoff_max, policy.backoff_base),
+            fraction=self._listener._rng.random(),
+        )
+        self._retry_handle = self.client.loop.call_later(delay, self._attempt)
+
+    def _attempt_failed(self, outcome: int, status: int, error: str) -> None:
+        self._end_attempt(outcome)
+        if self._may_retry(outcome):
+            self._retry()
+            return
+        if outcome == TIMEOUT:
+            upstream = self._runtime.upstream
+            self._listener._telemetry.timeout(upstream.source, upstream.destination)
+        self.respond_error(status, error)
+
+    def _try_timed_out(self, limit: float) -> None:
+        self._try_timer = None
+        if self._finished or self.response is not None:
+            return
+        if self._connecting is not None:
+            self._abandon_connect()
+        self._detach(False)
+        self._attempt_failed(TIMEOUT, 504, f"timeout: no response within {limit:g}s (per try)")
+
+    def _on_timeout(self) -> None:
+        upstream = self._runtime.upstream
+        self._listener._telemetry.timeout(upstream.source, upstream.destination)
+
+    def _cancel_timers(self) -> None:
+        super()._cancel_timers()
+        handle = self._retry_handle
+        if handle is not None:
+            self._retry_handle = None
+            handle.cancel()
+
+    def _released(self) -> None:
+        cluster = self._cluster
+        if cluster is None:
+            return
+        if self._connecting is not None:
+            self._abandon_connect()
+        self._end_attempt(None)
+        timer = self._try_timer
+        if timer is not None:
+            self._try_timer = None
+            timer.cancel()
+        cluster.breaker.request_finished()
+        cluster.budget.request_finished()
+
+    def _report(self) -> None:
+        listener = self._listener
+        upstream = self._runtime.upstream
+        seconds = self.client.loop.time() - self.started
+        listener._telemetry.request(
+            "outbound",
+            upstream.source,
+            upstream.destination,
+            self.status,
+            seconds,
+            self.bytes_in,
+            self.bytes_out,
+        )
+        if listener._access_log.sampled():
+            route = self._route.name if self._route is not None else ""
+            cluster = self._cluster.cluster.name if self._cluster is not None else ""
+            record = self._log_record(
+                "outbound", upstream.source, "", upstream.destination, route, cluster
+            )
+            listener._access_log.log(record)
+
+
+class HttpOutboundListener(_Frontend):
+    """A loopback listener for one (source service, upstream) in http mode."""
+
+    def __init__(
+        self,
+        runtime: UpstreamRuntime,
+        contexts: tls.ClientContexts,
+        telemetry: Telemetry,
+        access_log: AccessLogger,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._contexts = contexts
+        self._telemetry = telemetry
+        self._access_log = access_log
+        self._rng = rng or random.Random()
+        self._reads = _ReadBuffer()
+        self._pool = _Pool()
+        self._clients: set[_Client] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> Address:
+        """Where it listens (the real port when the upstream's port is 0)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the listener is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        upstream = self._runtime.upstream
+        self._server = await asyncio.get_running_loop().create_server(
+            self._accepted,
+            upstream.host,
+            upstream.port,
+            backlog=DEFAULT_BACKLOG,
+            reuse_address=True,
+        )
+
+    def _accepted(self) -> asyncio.BaseProtocol:
+        client = _TcpClient(self)
+        self._clients.add(client)
+        upstream = self._runtime.upstream
+        self._telemetry.connection_opened("outbound", upstream.source, upstream.destination)
+        return client
+
+    def update(self, runtime: UpstreamRuntime, contexts: tls.ClientContexts) -> None:
+        """New routes, clusters or certificates, for new requests. New certificates:
+        pooled connections made with the old ones are not reused."""
+        self._runtime = runtime
+        if contexts is not self._contexts:
+            self._contexts = contexts
+            self._pool.generation += 1
+
+    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
+        return _OutboundExchange(client, head, self)
+
+    def client_closed(self, client: _Client) -> None:
+        self._clients.discard(client)
+        upstream = self._runtime.upstream
+        self._telemetry.connection_closed("outbound", upstream.source, upstream.destination)
+
+    def open_connections(self) -> int:
+        return len(self._clients)
+
+    async def aclose(self) -> None:
+        """Stop accepting; drop open and pooled connections."""
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.transport.abort()
+        self._pool.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
