@@ -1,4 +1,5 @@
-"""``python -m proxy --config FILE``: one proxy worker (see ``proxy/server.py``)."""
+"""``python -m proxy --control PATH [--exit-with-agent]`` or ``python -m proxy
+--snapshot FILE``: one proxy worker (see ``proxy/server.py``)."""
 
 import sys
 

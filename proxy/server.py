@@ -1,38 +1,33 @@
-"""A proxy worker process: ``python -m proxy --config FILE``.
+"""A proxy worker process: ``python -m proxy --control PATH`` (fed by its agent) or
+``python -m proxy --snapshot FILE`` (one snapshot from a file: tests, benchmarks).
 
-**A stand-in.** Issue 5's worker is started and supervised by the agent and "fed over
-a local socket with a snapshot" (listeners, routes, clusters, certificates, trust
-bundle, intentions, limits), applied atomically with ``update()`` on the listeners.
-Until that snapshot exists, this reads the same kind of data once from a JSON file,
-for the L4 data path only, so the listeners can be run, tested and benchmarked as
-real processes. The snapshot channel replaces :func:`load_config`; the listeners do
-not change. (Configuration is otherwise read only in ``meshnode/config.py``; ``proxy``
-may not import it, and this file is the snapshot's placeholder, not settings.)
+Theory of operation
+-------------------
+The worker is the proxy's process (DESIGN.md: the data path runs apart from the
+agent's control loop). Its whole configuration is a ``proxy.snapshot.Snapshot``; the
+data plane (``proxy.plane.DataPlane``) compiles each one and swaps it in atomically
+without dropping open connections.
 
-The file::
+**Control socket.** The agent listens on a unix stream socket
+(``<data_dir>/proxy.sock``); the worker connects. Frames are a 4-byte big-endian
+length, then a msgpack array ``[kind, body]``, at most 64 MiB
+(:func:`encode_frame`, :class:`FrameDecoder` — both pure, the agent may use them):
 
-    {
-      "trust_bundle": ["-----BEGIN CERTIFICATE-----...", ...],
-      "inbound": {                       # optional: this host's mTLS port
-        "host": "127.0.0.1", "port": 20000,
-        "services": {"api": {"target": ["127.0.0.1", 8080],
-                             "cert_chain": "PEM (leaf first)", "private_key": "PEM"}},
-        "allow": "all"          # or [["spiffe://td/ns/default/dc/dc1/svc/web", "api"], ...]
-      },
-      "outbound": [                      # optional: loopback listeners
-        {"host": "127.0.0.1", "port": 15001, "upstream": "api",
-         "expected_identity": "spiffe://td/ns/default/dc/dc1/svc/api",
-         "cert_chain": "PEM of the source service", "private_key": "PEM",
-         "endpoints": [["127.0.0.1", 20000]]}
-      ],
-      "connect_timeout": 5.0, "idle_timeout": 3600.0
-    }
+* worker → agent, first: ``["hello", {"pid": int, "protocol": 1}]``;
+* agent → worker: ``["snapshot", <bytes of proxy.snapshot.encode(snapshot)>]``,
+  after hello and after every change;
+* worker → agent: ``["applied", version]`` or ``["rejected", version or -1, error]``
+  (the previous snapshot keeps serving);
+* worker → agent, every second: ``["stats", proxy.telemetry.Telemetry.dump()]``.
 
-An allow list entry may use ``"*"`` for either member. Anything not allowed is
-denied (default deny, as Consul intentions with ``default_policy = deny``).
+When the control connection drops, the worker keeps serving its last snapshot and
+reconnects every second; with ``--exit-with-agent`` it exits 0 instead (the agent's
+supervised worker: a new agent starts a new worker). A frame that does not decode
+closes the connection (the agent is trusted but a codec bug must not spin).
 
-On SIGTERM or SIGINT the worker stops accepting, drops open connections and exits
-0. It prints one line ``ready`` on stdout when every listener accepts.
+It prints one line ``ready`` on stdout once the listeners of its first snapshot
+accept. On SIGTERM or SIGINT it stops accepting, closes every connection and exits 0.
+Access-log lines (``AccessLog.path`` "") also go to stdout, after ``ready``.
 """
 
 from __future__ import annotations
@@ -40,132 +35,215 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
-import random
+import os
 import signal
+import struct
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from proxy.balancer import RoundRobinBalancer
-from proxy.l4 import (
-    InboundListener,
-    InboundSettings,
-    LocalService,
-    OutboundListener,
-    OutboundSettings,
-)
-from proxy.l4.transport import DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Address, Authorize
-from proxy.tls import ClientContexts, server_context
+import msgpack
+
+from proxy.dataplane import SnapshotRejected
+from proxy.plane import DataPlane
+from proxy.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError, decode
 
 log = logging.getLogger("proxy.worker")
 
-ANY = "*"
+PROTOCOL_VERSION: Final = 1
+MAX_FRAME_BYTES: Final = MAX_SNAPSHOT_BYTES
+"""A frame carries at most one snapshot (plus a few bytes of framing)."""
+_FRAME_OVERHEAD: Final = 64
+STATS_INTERVAL: Final = 1.0
+RECONNECT_INTERVAL: Final = 1.0
+_LENGTH: Final = struct.Struct(">I")
 
 
-class WorkerConfigError(ValueError):
-    """The worker's JSON file is unusable; the message names the key."""
+class ControlProtocolError(ValueError):
+    """A frame on the control socket that is not ``[kind, body]`` msgpack."""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    inbound: tuple[InboundListener, ...]
-    outbound: tuple[OutboundListener, ...]
+def encode_frame(kind: str, *body: Any) -> bytes:
+    """One control frame: the length, then msgpack ``[kind, *body]``."""
+    payload: bytes = msgpack.packb([kind, *body], use_bin_type=True)
+    if len(payload) > MAX_FRAME_BYTES + _FRAME_OVERHEAD:
+        raise ControlProtocolError(f"a {kind} frame of {len(payload)} bytes is too big")
+    return _LENGTH.pack(len(payload)) + payload
 
 
-def allow_list(rules: str | Sequence[Sequence[str]]) -> Authorize:
-    """``"all"``, or (source SPIFFE ID, service) pairs, ``"*"`` matching anything."""
-    if rules == "all":
-        return lambda peer, service: (True, "allow all")
-    if isinstance(rules, str):
-        raise WorkerConfigError(f"inbound.allow: 'all' or a list of pairs, not {rules!r}")
-    pairs = frozenset((str(source), str(service)) for source, service in rules)
-
-    def authorize(peer: str | None, service: str) -> tuple[bool, str]:
-        if peer is not None and (
-            (peer, service) in pairs or (peer, ANY) in pairs or (ANY, service) in pairs
-        ):
-            return True, "allowed"
-        return (ANY, ANY) in pairs, "no allow rule"
-
-    return authorize
-
-
-def _address(value: Any, key: str) -> Address:
-    if not (isinstance(value, list) and len(value) == 2):
-        raise WorkerConfigError(f"{key}: [host, port] expected, not {value!r}")
-    return str(value[0]), int(value[1])
-
-
-def load_config(raw: dict[str, Any]) -> WorkerConfig:
-    """Listeners (not started) from the parsed JSON file."""
+def decode_payload(payload: bytes) -> list[Any]:
+    """``[kind, ...]`` from a frame's payload."""
     try:
-        bundle = [str(pem) for pem in raw["trust_bundle"]]
-        connect_timeout = float(raw.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT))
-        idle = raw.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
-        idle_timeout = None if idle is None else float(idle)
-        inbound: list[InboundListener] = []
-        if raw.get("inbound"):
-            spec = raw["inbound"]
-            services = {
-                name: LocalService(
-                    name,
-                    _address(service["target"], f"inbound.services.{name}.target"),
-                    server_context(bundle, service["cert_chain"], service["private_key"]),
-                )
-                for name, service in spec["services"].items()
-            }
-            settings = InboundSettings(
-                services, allow_list(spec.get("allow", [])), connect_timeout, idle_timeout
-            )
-            inbound.append(InboundListener(spec["host"], int(spec["port"]), bundle, settings))
-        outbound = []
-        for index, spec in enumerate(raw.get("outbound", [])):
-            endpoints = [
-                _address(endpoint, f"outbound[{index}].endpoints") for endpoint in spec["endpoints"]
-            ]
-            weighted = [(endpoint, 1) for endpoint in endpoints]
-            balancer = RoundRobinBalancer(weighted, random.Random())
-            out_settings = OutboundSettings(
-                upstream=spec["upstream"],
-                expected_identity=spec["expected_identity"],
-                contexts=ClientContexts(bundle, spec["cert_chain"], spec["private_key"]),
-                pick=balancer.pick,
-                connect_timeout=connect_timeout,
-                idle_timeout=idle_timeout,
-            )
-            outbound.append(OutboundListener(spec["host"], int(spec["port"]), out_settings))
-    except KeyError as exc:
-        raise WorkerConfigError(f"missing key {exc}") from None
-    except (TypeError, AttributeError) as exc:
-        raise WorkerConfigError(f"malformed configuration: {exc}") from None
-    return WorkerConfig(tuple(inbound), tuple(outbound))
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ControlProtocolError(f"not msgpack: {exc}") from None
+    if not (isinstance(message, list) and message and isinstance(message[0], str)):
+        raise ControlProtocolError("a frame is an array [kind, body...]")
+    return message
 
 
-async def serve(config: WorkerConfig, ready: Callable[[], None] = lambda: None) -> None:
-    """Run the listeners until SIGTERM or SIGINT, then close them."""
+class FrameDecoder:
+    """Bytes in, messages out (for a caller that reads chunks, not frames)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[list[Any]]:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > MAX_FRAME_BYTES + _FRAME_OVERHEAD:
+                raise ControlProtocolError(f"a frame of {length} bytes is too big")
+            if len(self._buffer) < _LENGTH.size + length:
+                break
+            payload = bytes(self._buffer[_LENGTH.size : _LENGTH.size + length])
+            del self._buffer[: _LENGTH.size + length]
+            messages.append(decode_payload(payload))
+        return messages
+
+
+async def read_frame(reader: asyncio.StreamReader) -> list[Any]:
+    """The next message; ``asyncio.IncompleteReadError`` at EOF."""
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if length > MAX_FRAME_BYTES + _FRAME_OVERHEAD:
+        raise ControlProtocolError(f"a frame of {length} bytes is too big")
+    return decode_payload(await reader.readexactly(length))
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+class Worker:
+    """One worker: a data plane, fed from a control socket or a file."""
+
+    def __init__(self, plane: DataPlane, ready: Callable[[], None]) -> None:
+        self.plane = plane
+        self._ready = ready
+        self._announced = False
+        self.stop = asyncio.Event()
+
+    async def apply(self, data: bytes) -> tuple[int, str | None]:
+        """Decode and apply a snapshot: (version, None) or (version or -1, error)."""
+        try:
+            snapshot = decode(data)
+        except SnapshotError as exc:
+            return -1, str(exc)
+        try:
+            await self.plane.apply(snapshot)
+        except SnapshotRejected as exc:
+            log.warning("snapshot_rejected version=%d error=%s", snapshot.version, exc)
+            return snapshot.version, str(exc)
+        if not self._announced:
+            self._announced = True
+            self._ready()
+        return snapshot.version, None
+
+    # ------------------------------------------------------------------ control
+
+    async def run_control(self, path: str, exit_with_agent: bool) -> None:
+        """Talk to the agent until stopped (or, with ``exit_with_agent``, until the
+        connection is lost); reconnect every second meanwhile."""
+        first = True
+        while not self.stop.is_set():
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+            except OSError as exc:
+                if exit_with_agent:
+                    log.error("control_connect_failed path=%s error=%s", path, exc)
+                    if first:
+                        raise
+                    return
+                log.info("control_connect_failed path=%s error=%s", path, exc)
+                await self._sleep(RECONNECT_INTERVAL)
+                continue
+            first = False
+            try:
+                await self._session(reader, writer)
+            except (OSError, asyncio.IncompleteReadError, ControlProtocolError) as exc:
+                log.warning("control_connection_lost error=%s", exc or type(exc).__name__)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            if exit_with_agent:
+                return
+            await self._sleep(RECONNECT_INTERVAL)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stop.wait()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_frame("hello", {"pid": os.getpid(), "protocol": PROTOCOL_VERSION}))
+        await writer.drain()
+        stats = asyncio.get_running_loop().create_task(self._send_stats(writer))
+        try:
+            while True:
+                message = await read_frame(reader)
+                if message[0] != "snapshot":
+                    log.info("control_message_ignored kind=%s", message[0])
+                    continue
+                if len(message) != 2 or not isinstance(message[1], bytes):
+                    writer.write(encode_frame("rejected", -1, "a snapshot frame carries bytes"))
+                    continue
+                version, error = await self.apply(message[1])
+                if error is None:
+                    writer.write(encode_frame("applied", version))
+                else:
+                    writer.write(encode_frame("rejected", version, error))
+                await writer.drain()
+        finally:
+            stats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats
+
+    async def _send_stats(self, writer: asyncio.StreamWriter) -> None:
+        telemetry = self.plane.telemetry
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            if writer.is_closing():
+                return
+            telemetry.set_gauge("open_connections", (), self.plane.open_connections())
+            writer.write(encode_frame("stats", telemetry.dump()))
+
+
+async def serve(options: argparse.Namespace, ready: Callable[[], None] = lambda: None) -> int:
+    """Run the worker until SIGTERM/SIGINT (or the agent leaves, with
+    ``--exit-with-agent``); the exit status."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    plane = DataPlane()
+    worker = Worker(plane, ready)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    listeners: list[InboundListener | OutboundListener] = [*config.inbound, *config.outbound]
+        loop.add_signal_handler(signum, worker.stop.set)
+    status = 0
     try:
-        for listener in listeners:
-            await listener.start()
-            log.info("listening %s:%d", *listener.address)
-        ready()
-        await stop.wait()
+        if options.snapshot is not None:
+            _, error = await worker.apply(options.snapshot.read_bytes())
+            if error is not None:
+                print(f"python -m proxy: {options.snapshot}: {error}", file=sys.stderr)
+                return 2
+            await worker.stop.wait()
+        else:
+            control = loop.create_task(worker.run_control(options.control, options.exit_with_agent))
+            stopped = loop.create_task(worker.stop.wait())
+            done, _ = await asyncio.wait({control, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (control, stopped):
+                task.cancel()
+            if control in done and control.exception() is not None:
+                print(f"python -m proxy: {options.control}: {control.exception()}", file=sys.stderr)
+                status = 1
     finally:
-        for listener in listeners:
-            await listener.aclose()
+        await plane.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    return status
 
 
-def _run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
+def _run(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
     """Under uvloop when it is installed (extra ``speed``) and not refused, else
     asyncio's loop. ``--event-loop asyncio`` exists because uvloop's TLS has open
     memory-growth issues (MagicStack/uvloop#565): compare both in ``bench/proxy.py``."""
@@ -176,14 +254,23 @@ def _run(main: Coroutine[Any, Any, None], event_loop: str = "auto") -> None:
             if event_loop == "uvloop":
                 raise
         else:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+            result: int = uvloop.run(main)
+            return result
+    return asyncio.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, type=Path, help="the worker's JSON file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--control", help="the agent's unix socket (<data_dir>/proxy.sock)")
+    source.add_argument(
+        "--snapshot", type=Path, help="a file holding proxy.snapshot.encode(snapshot)"
+    )
+    parser.add_argument(
+        "--exit-with-agent",
+        action="store_true",
+        help="exit 0 when the control connection is lost instead of reconnecting",
+    )
     parser.add_argument(
         "--event-loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -191,16 +278,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="uvloop when installed (auto), or force one",
     )
     options = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-    try:
-        config = load_config(json.loads(options.config.read_text()))
-    except (OSError, ValueError) as exc:  # WorkerConfigError, JSON, ssl errors
-        print(f"python -m proxy: {options.config}: {exc}", file=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s"
+    )
+    if options.snapshot is not None and not options.snapshot.is_file():
+        print(f"python -m proxy: {options.snapshot}: no such file", file=sys.stderr)
         return 2
 
     def ready() -> None:
         print("ready", flush=True)
 
+    status = 0
     with contextlib.suppress(KeyboardInterrupt):
-        _run(serve(config, ready), options.event_loop)
-    return 0
+        status = _run(serve(options, ready), options.event_loop)
+    return status
