@@ -28,12 +28,14 @@ What runs, all on loopback and on this machine's two shared cores:
     certificate, checked at start by a client without one being refused) → HAProxy B
     (HTTP mode, ``nbthread 1``) → backend;
   - ``haproxy-l4``: the same pair in TCP mode;
-  - ``meshnode-l4``: wrk → meshnode worker A (``python -m proxy``, an outbound
-    listener) → mutual TLS 1.3 → worker B (the inbound port, SNI, intention check) →
-    backend (:func:`start_meshnode_l4`);
+  - ``meshnode-l4``: wrk → meshnode worker A (``python -m proxy --snapshot FILE``, an
+    outbound listener: route, split, load balancer, breaker, metrics) → mutual TLS 1.3
+    → worker B (the inbound port, SNI, intention check, metrics) → backend
+    (:func:`start_meshnode_l4`, snapshots from :func:`meshnode_snapshots`);
   - the meshnode L7 pair is **not registered yet** (issue 5). Adding it is one
-    :func:`register` call with a start function (see :data:`CONFIGURATIONS`); every
-    figure, ratio and target check below then applies to it unchanged.
+    :func:`register` call with a start function (``start_meshnode_pair(env,
+    "http")``); every figure, ratio and target check below then applies to it
+    unchanged.
 
 Per configuration and round:
 
@@ -66,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -87,6 +88,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.common,
 from bench.common import poll_until, run_benchmark
 from ca.issuer import CertificateAuthority, generate_key, make_csr, private_key_pem
 from ca.spiffe import SpiffeId
+from proxy.snapshot import (
+    AccessLog,
+    Certificate,
+    Cluster,
+    Endpoint,
+    Inbound,
+    InboundTarget,
+    IntentionRule,
+    LocalService,
+    ProtocolName,
+    Route,
+    Snapshot,
+    SplitTarget,
+    Upstream,
+    encode,
+)
 
 TRUST_DOMAIN: Final = "bench.meshnode"
 DATACENTER: Final = "dc1"
@@ -490,50 +507,69 @@ MESHNODE_WORKER: Final = (
 )
 
 
-async def start_meshnode_l4(env: Environment, event_loop: str = "uvloop") -> Listening:
-    """Worker A: an outbound listener on loopback (source ``client``, upstream
-    ``backend``) → mTLS → worker B: the inbound port, SNI ``backend``, an allow list
-    with the one intention client → backend (so the check runs) → the backend."""
+def meshnode_snapshots(
+    env: Environment, port_a: int, port_b: int, protocol: ProtocolName = "tcp"
+) -> tuple[Snapshot, Snapshot]:
+    """Worker A's snapshot (an outbound listener on loopback, source ``client``,
+    upstream ``backend`` at worker B) and worker B's (the inbound port, SNI
+    ``backend``, the one intention client → backend so the check runs, default deny,
+    → the backend). Access logs off: the figures are the data path's."""
     certs = env.certificates
+    bundle = (certs.ca.read_text(),)
+    quiet = AccessLog(path="off")
+    backend = LocalService(
+        "backend",
+        Certificate(
+            certs.backend.cert.read_text(), certs.backend.key.read_text(), certs.backend.spiffe_id
+        ),
+        protocol,
+        intentions=(IntentionRule("client", "allow", "client => backend"),),
+    )
+    target = InboundTarget("backend", (env.backend,))
+    inbound = Inbound("127.0.0.1", port_b, {"backend": backend}, {"backend": target})
+    snapshot_b = Snapshot(1, TRUST_DOMAIN, bundle, inbound=inbound, access_log=quiet)
+    cluster = Cluster(
+        "backend",
+        "backend",
+        certs.backend.spiffe_id,
+        (Endpoint("127.0.0.1", port_b, "backend"),),
+    )
+    upstream = Upstream(
+        "client",
+        "backend",
+        "127.0.0.1",
+        port_a,
+        Certificate(
+            certs.client.cert.read_text(), certs.client.key.read_text(), certs.client.spiffe_id
+        ),
+        (Route("backend/default", (SplitTarget(10_000, "backend"),)),),
+        {"backend": cluster},
+        protocol,
+    )
+    snapshot_a = Snapshot(1, TRUST_DOMAIN, bundle, upstreams=(upstream,), access_log=quiet)
+    return snapshot_a, snapshot_b
+
+
+async def start_meshnode_pair(
+    env: Environment, protocol: ProtocolName = "tcp", event_loop: str = "uvloop"
+) -> Listening:
+    """Two ``python -m proxy --snapshot FILE`` workers (see :func:`meshnode_snapshots`)."""
     port_a, port_b = free_port(), free_port()
-    bundle = [certs.ca.read_text()]
-    config_b = {
-        "trust_bundle": bundle,
-        "inbound": {
-            "host": "127.0.0.1",
-            "port": port_b,
-            "services": {
-                "backend": {
-                    "target": list(env.backend),
-                    "cert_chain": certs.backend.cert.read_text(),
-                    "private_key": certs.backend.key.read_text(),
-                }
-            },
-            "allow": [[certs.client.spiffe_id, "backend"]],
-        },
-    }
-    config_a = {
-        "trust_bundle": bundle,
-        "outbound": [
-            {
-                "host": "127.0.0.1",
-                "port": port_a,
-                "upstream": "backend",
-                "expected_identity": certs.backend.spiffe_id,
-                "cert_chain": certs.client.cert.read_text(),
-                "private_key": certs.client.key.read_text(),
-                "endpoints": [["127.0.0.1", port_b]],
-            }
-        ],
-    }
+    snapshot_a, snapshot_b = meshnode_snapshots(env, port_a, port_b, protocol)
     pids = []
-    for name, config, port in (("b", config_b, port_b), ("a", config_a, port_a)):
-        path = env.workdir / f"meshnode-l4-{name}.json"
-        path.write_text(json.dumps(config))
-        path.chmod(0o600)  # private keys
-        argv = [*MESHNODE_WORKER, "--config", str(path), "--event-loop", event_loop]
+    for name, snapshot, port in (("b", snapshot_b, port_b), ("a", snapshot_a, port_a)):
+        path = env.workdir / f"meshnode-{protocol}-{name}.snapshot"
+        path.touch(0o600)  # private keys
+        path.write_bytes(encode(snapshot))
+        argv = [*MESHNODE_WORKER, "--snapshot", str(path), "--event-loop", event_loop]
         pids.append(await env.processes.spawn(f"meshnode-{name}", argv, ("127.0.0.1", port)))
     return Listening(("127.0.0.1", port_a), (pids[1], pids[0]), inbound=("127.0.0.1", port_b))
+
+
+async def start_meshnode_l4(env: Environment, event_loop: str = "uvloop") -> Listening:
+    """Worker A: an outbound listener on loopback → mTLS → worker B: the inbound
+    port, SNI, intention check → the backend, in TCP mode."""
+    return await start_meshnode_pair(env, "tcp", event_loop)
 
 
 register(

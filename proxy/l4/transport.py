@@ -119,7 +119,7 @@ Address = tuple[str, int]
 class HttpHandoff(Protocol):
     """What the inbound listener needs of the L7 handler (``proxy.l7``): take over
     an authorized mTLS connection to an ``http`` service (it calls
-    ``transport.set_protocol`` itself)."""
+    ``transport.set_protocol`` itself) and call ``on_close`` once when it closes."""
 
     def take_over(
         self,
@@ -127,6 +127,8 @@ class HttpHandoff(Protocol):
         service: LocalService,
         target: InboundTarget,
         peer_id: str | None,
+        *,
+        on_close: Callable[[], None] | None = None,
     ) -> None: ...
 
 
@@ -697,7 +699,7 @@ class InboundListener(_Listener):
             link.close()
             return
         if service.protocol == "http":
-            self._hand_over(link, transport, service, target, peer)
+            self._hand_over(link, transport, service, target, source, peer)
             return
         if not self._within_limits(link, runtime, source, service):
             link.close()
@@ -722,13 +724,20 @@ class InboundListener(_Listener):
             self._counters.rate_limited += 1
             self.telemetry.rate_limited(source, name)
             return False
+        if not self._take_slot(service):
+            return False
+        link.service_slot = self._per_service
+        return True
+
+    def _take_slot(self, service: LocalService) -> bool:
+        """One of ``service.max_connections`` (0: unlimited), False when all are taken."""
+        name = service.name
         open_now = self._per_service.get(name, 0)
         if service.max_connections and open_now >= service.max_connections:
             self._counters.rate_limited += 1
             self.telemetry.breaker_trip(name, "inbound", MAX_CONNECTIONS)
             return False
         self._per_service[name] = open_now + 1
-        link.service_slot = self._per_service
         return True
 
     def _hand_over(
@@ -737,16 +746,29 @@ class InboundListener(_Listener):
         transport: asyncio.Transport,
         service: LocalService,
         target: InboundTarget,
+        source: str,
         peer: str | None,
     ) -> None:
+        """An authorized connection to an http service goes to the L7 handler (which
+        rate-limits and authorizes each request); the connection is still counted
+        here, in ``max_connections`` and telemetry, until its ``on_close``."""
         http = self.http
         if http is None:
             log.warning("http_service_without_l7 service=%s", service.name)
             link.close()
             return
+        if not self._take_slot(service):
+            link.close()
+            return
         self._counters.handed_over += 1
+        self.telemetry.connection_opened("inbound", source, service.name)
         link.detach()
-        http.take_over(transport, service, target, peer)
+        on_close = functools.partial(self._http_closed, source, service.name)
+        http.take_over(transport, service, target, peer, on_close=on_close)
+
+    def _http_closed(self, source: str, service: str) -> None:
+        self._per_service[service] -= 1
+        self.telemetry.connection_closed("inbound", source, service)
 
     async def _connect(self, link: _Link, target: Address, connect_timeout: float) -> None:
         loop = asyncio.get_running_loop()
