@@ -102,10 +102,12 @@ from meshnode.leadership import (
 from meshnode.logging import configure_logging
 from meshnode.metrics import (
     ConnectStats,
+    ProxyMetricsSource,
     register_catalog_metrics,
     register_connect_metrics,
     register_election_metrics,
     register_gossip_metrics,
+    register_proxy_metrics,
 )
 from meshnode.model import (
     CheckDefinition,
@@ -127,7 +129,10 @@ from meshnode.policy import (
     decode_entry,
     decode_state,
 )
+from meshnode.proxy_control import SOCKET_NAME, ProxyControl, worker_command
 from meshnode.rpc import REQUEST_TAG, RESPONSE_TAG, Address, Rpc, RpcError
+from meshnode.sidecar import SnapshotInputs, build_snapshot, proxy_port_of, with_proxy_port
+from proxy.snapshot import AccessLog, Snapshot
 
 log = structlog.get_logger()
 
@@ -231,6 +236,9 @@ class Agent:
         self.http_port: int | None = None
         self.gossip_port: int | None = None
         self._config_services: set[str] = set()
+        self._proxy: ProxyControl | None = None
+        self.proxy_port = 0
+        """The inbound proxy port this agent publishes (0: no proxy)."""
         self._members_dirty = False
         self._joined = asyncio.Event()
 
@@ -251,9 +259,16 @@ class Agent:
         assert self._data_dir is not None
         return self._data_dir
 
+    @property
+    def proxy_control(self) -> ProxyControl | None:
+        """The proxy's control socket and worker (None with ``proxy.enabled = false``)."""
+        return self._proxy
+
     def stop(self) -> None:
         """Ask ``run`` to shut down (without leaving the cluster)."""
         systemd.stopping()
+        if self._proxy is not None:
+            self._proxy.stopping()
         self._stop.set()
 
     # ------------------------------------------------------------------ run
@@ -285,6 +300,8 @@ class Agent:
             self._policy_delegate = PolicyDelegate(self._policy)
             self._restore_policy()
             self._policy.on_change(self._policy_changed)
+            if config.proxy.enabled:
+                self.proxy_port = config.proxy.port or _free_port(self._proxy_host())
 
             transport = GossipTransport(
                 config.node_name,
@@ -331,6 +348,8 @@ class Agent:
             self._leaves.on_change(self._connect_changed)
             self._bundles.on_change(self._bundle_changed)
             register_connect_metrics(self.registry, self.connect_stats)
+            if config.proxy.enabled:
+                await self._start_proxy(stack)
 
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
@@ -529,6 +548,8 @@ class Agent:
             member_event: MemberEvent = event
             if self._catalog is not None:
                 self._catalog.on_member_event(member_event, asyncio.get_running_loop().time())
+            if self._proxy is not None:
+                self._proxy.changed()  # a member's proxy port may have changed
             if self._election is not None:
                 self._election.on_member_event(member_event)
             self._client_leader = None
@@ -746,6 +767,8 @@ class Agent:
     # ------------------------------------------------------------------ signals
 
     def _leave_and_stop(self) -> None:
+        if self._proxy is not None:
+            self._proxy.stopping()  # the signal may have reached the worker too
         asyncio.get_running_loop().create_task(self.leave())
 
     def reload(self) -> None:
@@ -832,6 +855,8 @@ class Agent:
             return
         self._stopped_by_leave = True
         log.info("agent_leaving", node=self.config.node_name)
+        if self._proxy is not None:
+            self._proxy.stopping()
         systemd.stopping()
         if self._election is not None:
             self._election.leave()  # step down now; the others drop us on MemberLeft
@@ -965,7 +990,7 @@ class Agent:
         election = self._election
         bundles, leaves = self._bundles, self._leaves
         soonest = leaves.soonest_expiry() if leaves is not None else None
-        return encode_node_meta(
+        meta = encode_node_meta(
             fingerprints,
             server=self.config.server,
             leader=election.leader_claim() if election is not None else None,
@@ -975,6 +1000,72 @@ class Agent:
                 else b""
             ),
             soonest_expiry=int(soonest.timestamp()) if soonest is not None else None,
+        )
+        return with_proxy_port(meta, self.proxy_port)
+
+    # ------------------------------------------------------------------ proxy
+
+    def _proxy_host(self) -> str:
+        return self.config.proxy.bind_address or self.config.bind_addr
+
+    async def _start_proxy(self, stack: contextlib.AsyncExitStack) -> None:
+        """The control socket, a worker if managed, and the changes that rebuild the
+        snapshot: catalog (registrations, health, liveness), policy, leaves and trust
+        bundle (``on_connect_change``), and member events (proxy ports, in
+        ``_on_event``)."""
+        config = self.config.proxy
+        path = self.data_dir.path / SOCKET_NAME
+        command = worker_command(path, event_loop=config.event_loop) if config.managed else None
+        control = ProxyControl(path, self.proxy_snapshot, worker_command=command)
+        try:
+            await control.start()
+        except (OSError, ValueError) as exc:
+            log.error("proxy_not_started", socket=str(path), error=str(exc))
+            self.proxy_port = 0
+            return
+        stack.push_async_callback(control.aclose)
+        self._proxy = control
+        self.catalog.on_change(lambda _index: control.changed())
+        self.policy.on_change(lambda _index: control.changed())
+        self.on_connect_change(lambda _index: control.changed())
+
+        def metrics() -> ProxyMetricsSource:
+            stats = control.stats()
+            return ProxyMetricsSource(
+                worker_restarts=stats.worker_restarts,
+                applied_version=stats.applied_version,
+                snapshots_rejected=stats.snapshots_rejected,
+                dump=stats.dump,
+            )
+
+        register_proxy_metrics(self.registry, metrics)
+
+    def proxy_snapshot(self) -> Snapshot:
+        """This host's proxy snapshot now (unnumbered: ``ProxyControl`` numbers them)."""
+        config = self.config
+        bundle = self.trust_bundle()
+        now = datetime.now(UTC)
+        leaves = self._leaves.leaves() if self._leaves is not None else []
+        members = self._transport.core.members() if self._transport is not None else []
+        ports = {member.name: proxy_port_of(member.meta) for member in members}
+        ports[config.node_name] = self.proxy_port
+        return build_snapshot(
+            SnapshotInputs(
+                node=config.node_name,
+                datacenter=config.datacenter,
+                host=self._proxy_host(),
+                port=self.proxy_port,
+                catalog=self.catalog,
+                policy=self.policy.values(),
+                leaves={
+                    leaf.service: leaf for leaf in leaves if leaf.service and leaf.not_after > now
+                },
+                trust_domain=bundle.trust_domain if bundle is not None else "",
+                roots=bundle.root_pems if bundle is not None else (),
+                proxy_ports=ports,
+                default_allow=config.default_intention_policy == "allow",
+                access_log=AccessLog(config.proxy.access_log, config.proxy.access_log_sample),
+            )
         )
 
     def _load_keyring(self) -> Keyring | None:
@@ -1240,6 +1331,18 @@ class Agent:
             "Lagging": lagging,
             "ExpiringSoon": expiring,
         }
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (``proxy.port = 0``): the worker binds it later,
+    and our metadata must say which one."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _fingerprint(key: bytes) -> str:

@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
     demo.add_argument("--members", type=int, default=3, help=argparse.SUPPRESS)
     commands.add_parser("sim", help="gossip simulator (meshnode sim --help)")
+    proxy = commands.add_parser(
+        "proxy", help="run a proxy worker in the foreground (with proxy.managed = false)"
+    )
+    proxy.add_argument(
+        "-data-dir",
+        "--data-dir",
+        metavar="DIR",
+        help="the agent's data_dir, where its proxy.sock is (default: $MESHNODE_DATA_DIR)",
+    )
+    proxy.add_argument(
+        "-event-loop", "--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto"
+    )
 
     members = commands.add_parser("members", help="the members an agent sees")
     _add_client_options(members)
@@ -186,6 +198,26 @@ def _run_agent(args: argparse.Namespace) -> int:
         return 130
 
 
+def _run_proxy(args: argparse.Namespace) -> int:
+    """Replace this process with ``python -m proxy --control <data_dir>/proxy.sock``:
+    a worker that reconnects to its agent every second and serves its last snapshot
+    meanwhile (stopped with Ctrl-C or SIGTERM)."""
+    import os
+
+    from meshnode.proxy_control import SOCKET_NAME
+
+    data_dir = args.data_dir or os.environ.get("MESHNODE_DATA_DIR")
+    if not data_dir:
+        print("meshnode proxy: give -data-dir (the agent's data_dir)", file=sys.stderr)
+        return 2
+    socket_path = Path(data_dir).resolve() / SOCKET_NAME
+    command = [sys.executable, "-m", "proxy", "--control", str(socket_path)]
+    if args.event_loop != "auto":
+        command += ["--event-loop", args.event_loop]
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
 def _run_client(args: argparse.Namespace) -> int:
     import os
 
@@ -291,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(generate_key())
         return 0
+    if args.command == "proxy":
+        return _run_proxy(args)
     if args.command == "demo":
         from meshnode import demo
 

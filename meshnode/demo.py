@@ -47,6 +47,7 @@ from meshnode.client import SERF_STATUS, print_table
 from meshnode.procs import (
     AgentProcess,
     fetch_json,
+    free_port,
     kill_agents,
     start_agent,
     stop_agent,
@@ -205,6 +206,8 @@ class Demo:
         self.size = size
         self.forever = forever
         self.agents = [AgentProcess.create(f"agent{i + 1}", workdir) for i in range(size)]
+        #: Each agent's inbound proxy port: agents side by side cannot share 20000.
+        self.proxy_ports = {agent.name: free_port() for agent in self.agents}
         self.first, self.leaver, self.observer = self.agents[0], self.agents[1], self.agents[2]
         #: Every process ever started, restarts included: all are reaped on exit.
         self.children: list[asyncio.subprocess.Process] = []
@@ -316,6 +319,7 @@ class Demo:
     async def start(self, agent: AgentProcess, join: Sequence[str] = ()) -> None:
         servers = self.agents[:SERVERS]
         extra = ["--server", "--bootstrap-expect", str(SERVERS)] if agent in servers else []
+        extra += ["--proxy-port", str(self.proxy_ports[agent.name])]
         await start_agent(agent, join, extra)
         assert agent.process is not None
         self.children.append(agent.process)

@@ -168,7 +168,7 @@ class ProxyControl:
         self._debounce = debounce
         self._server: asyncio.Server | None = None
         self._workers: set[_Worker] = set()
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._pending: asyncio.TimerHandle | None = None
         self._unversioned = b""
         self._version = 0
@@ -227,15 +227,21 @@ class ProxyControl:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for worker in list(self._workers):
-            worker.writer.transport.abort()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Closing the connections ends their handlers (EOF); cancelling them instead
+        # would make asyncio's stream callback log the CancelledError.
+        for writer in list(self._connections.values()):
+            writer.transport.abort()
+        handlers = list(self._connections)
+        if handlers:
+            await asyncio.wait(handlers, timeout=1.0)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+
+    def stopping(self) -> None:
+        """The agent is shutting down: a worker that exits now (a Ctrl-C reaches the
+        whole process group) is not restarted."""
+        if self.supervisor is not None:
+            self.supervisor.stopping = True
 
     # ------------------------------------------------------------------ snapshots
 
@@ -285,7 +291,7 @@ class ProxyControl:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         worker: _Worker | None = None
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
@@ -303,7 +309,7 @@ class ProxyControl:
                 "proxy_worker_protocol_error", pid=worker.pid if worker else None, error=str(exc)
             )
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             if worker is not None:
                 self._workers.discard(worker)
                 log.info("proxy_worker_disconnected", pid=worker.pid)
@@ -365,7 +371,7 @@ class ProxyControl:
             last_rejection=self._last_rejection,
             worker_restarts=supervisor.restarts if supervisor is not None else 0,
             workers_connected=len(self._workers),
-            worker_pid=supervisor.pid if supervisor is not None else None,
+            worker_pid=supervisor.stats_pid() if supervisor is not None else None,
             dump=self._dump,
         )
 
@@ -388,6 +394,12 @@ class WorkerSupervisor:
         self._stop_timeout = stop_timeout
         self.restarts = 0
         self.pid: int | None = None
+        self.stopping = False
+        """Set at shutdown: do not restart a worker that exits."""
+
+    def stats_pid(self) -> int | None:
+        """The running worker's PID (None between runs)."""
+        return self.pid
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -409,6 +421,9 @@ class WorkerSupervisor:
                         await self._stop(process)
                     self.pid = None
             lived = loop.time() - started
+            if self.stopping:
+                log.info("proxy_worker_exited", code=code, lived=round(lived, 3))
+                return
             if lived >= self._reset_after:
                 delay = self._backoff_min
             log.warning("proxy_worker_exited", code=code, lived=round(lived, 3), restart_in=delay)

@@ -60,6 +60,7 @@ class AgentProcess:
                 args += ["--join", f"127.0.0.1:{port}"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHNODE_")}
         env["MESHNODE_MDNS__ENABLED"] = "false"
+        env["MESHNODE_PROXY__ENABLED"] = "false"  # agents side by side: no proxy ports
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 

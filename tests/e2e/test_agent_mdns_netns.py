@@ -116,6 +116,7 @@ def test_agents_form_one_cluster_per_name_by_mdns_and_share_the_catalog(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHNODE_")}
     env["MESHNODE_MDNS__ENABLED"] = "true"
+    env["MESHNODE_PROXY__ENABLED"] = "false"
     namespaces: dict[str, str] = {}
     logs: dict[str, Path] = {}
     processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -35,7 +35,7 @@ def dev_agent(tmp_path: Path) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=agent_environment(),
+        env=agent_environment() | {"MESHNODE_PROXY__ENABLED": "false"},
     )
     try:
         deadline = time.monotonic() + 20

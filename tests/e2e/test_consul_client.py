@@ -149,6 +149,7 @@ def dev_agent(tmp_path: Path) -> Iterator[DevAgent]:
         "--log-format", "json",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHNODE_")}
+    env["MESHNODE_PROXY__ENABLED"] = "false"  # no proxy worker: not what this tests
     with log.open("wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     agent = DevAgent(process, http_port, gossip_port, log)

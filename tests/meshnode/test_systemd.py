@@ -180,6 +180,7 @@ def _dev_config(tmp_path: Path) -> AgentConfig:
         "MESHNODE_DATA_DIR": str(tmp_path / "data"),
         "MESHNODE_GOSSIP_PORT": "0",
         "MESHNODE_HTTP_ADDR": "127.0.0.1:0",
+        "MESHNODE_PROXY__ENABLED": "false",  # no proxy worker: not what this tests
     }
     return load_config({}, environ, cwd=tmp_path, hostname="notify-test")
 
@@ -238,6 +239,7 @@ def test_agent_process_follows_signals(tmp_path: Path, path_socket: NotifySocket
     """SIGHUP and SIGTERM through the real signal handlers of ``meshnode agent``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHNODE_", "WATCHDOG_"))}
     env["NOTIFY_SOCKET"] = path_socket.address
+    env["MESHNODE_PROXY__ENABLED"] = "false"
     args = [
         sys.executable,
         "-m",

@@ -1,0 +1,338 @@
+"""The agent's proxy control socket and worker supervisor (meshnode/proxy_control.py),
+driven by an in-process fake worker speaking the control protocol, small ``python -c``
+workers for supervision, and the real ``python -m proxy --control`` worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshnode.metrics import ProxyMetricsSource, register_proxy_metrics
+from meshnode.proxy_control import (
+    ProxyControl,
+    WorkerSupervisor,
+    encode_frame,
+    read_frame,
+    worker_command,
+)
+from proxy.snapshot import AccessLog, Snapshot, decode
+from proxy.telemetry import Telemetry
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="mnpc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Source:
+    """What the builder reads; tests change it and call ``changed()``."""
+
+    def __init__(self) -> None:
+        self.node = "n1"
+        self.sample = 1.0
+        self.builds = 0
+
+    def build(self) -> Snapshot:
+        self.builds += 1
+        return Snapshot(
+            version=0,
+            trust_domain="td",
+            trust_bundle=(),
+            access_log=AccessLog(sample=self.sample),
+            node=self.node,
+        )
+
+
+class FakeWorker:
+    """An in-process worker: connects, says hello, reads snapshots."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, path: Path, pid: int = 4242) -> FakeWorker:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        worker = cls(reader, writer)
+        worker.send("hello", {"pid": pid, "protocol": 1})
+        return worker
+
+    def send(self, kind: str, *body: object) -> None:
+        self.writer.write(encode_frame(kind, *body))
+
+    async def snapshot(self, within: float = 1.0) -> Snapshot:
+        async with asyncio.timeout(within):
+            kind, data = await read_frame(self.reader)
+        assert kind == "snapshot"
+        return decode(data)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+@pytest.fixture
+async def control(short_dir: Path) -> AsyncIterator[tuple[ProxyControl, Source]]:
+    source = Source()
+    control = ProxyControl(short_dir / "proxy.sock", source.build, debounce=0.02)
+    await control.start()
+    try:
+        yield control, source
+    finally:
+        await control.aclose()
+
+
+async def test_hello_gets_the_snapshot_then_changes_within_100ms(
+    control: tuple[ProxyControl, Source],
+) -> None:
+    proxy, source = control
+    mode = proxy.socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    worker = await FakeWorker.connect(proxy.socket_path)
+    first = await worker.snapshot()
+    assert (first.version, first.node) == (1, "n1")
+    worker.send("applied", 1)
+    stats = await asyncio.wait_for(proxy.wait_for(lambda s: s.applied_version == 1), 1)
+    assert stats.workers_connected == 1
+
+    loop = asyncio.get_running_loop()
+    source.node = "n2"
+    started = loop.time()
+    for _ in range(5):  # a burst of changes: one build, one push
+        proxy.changed()
+    builds = source.builds
+    second = await worker.snapshot()
+    assert loop.time() - started < 0.1
+    assert (second.version, second.node) == (2, "n2")
+    assert source.builds == builds + 1
+    await worker.close()
+
+
+async def test_no_push_when_only_the_version_would_change(
+    control: tuple[ProxyControl, Source],
+) -> None:
+    proxy, source = control
+    worker = await FakeWorker.connect(proxy.socket_path)
+    assert (await worker.snapshot()).version == 1
+    proxy.changed()
+    with pytest.raises(TimeoutError):
+        await worker.snapshot(within=0.15)
+    assert source.builds >= 2 and proxy.stats().snapshot_version == 1
+    source.sample = 0.5
+    proxy.changed()
+    assert (await worker.snapshot()).version == 2
+    await worker.close()
+
+
+async def test_rejections_stats_and_metrics(control: tuple[ProxyControl, Source]) -> None:
+    proxy, _ = control
+    worker = await FakeWorker.connect(proxy.socket_path)
+    await worker.snapshot()
+    worker.send("rejected", 1, "inbound.port: in use")
+    telemetry = Telemetry()
+    telemetry.request("outbound", "web", "api", 200, 0.003, 10, 20)
+    telemetry.request("outbound", "web", "api", 503, 0.2, 10, 0)
+    telemetry.connection_opened("inbound", "web", "api")
+    telemetry.handshake_failure("inbound", "unknown_ca")
+    worker.send("stats", telemetry.dump())
+    stats = await asyncio.wait_for(
+        proxy.wait_for(lambda s: s.dump is not None and s.snapshots_rejected == 1), 1
+    )
+    assert stats.last_rejection == "inbound.port: in use"
+
+    registry = CollectorRegistry()
+
+    def source() -> ProxyMetricsSource:
+        current = proxy.stats()
+        return ProxyMetricsSource(
+            current.worker_restarts,
+            current.applied_version,
+            current.snapshots_rejected,
+            current.dump,
+        )
+
+    register_proxy_metrics(registry, source)
+    text = generate_latest(registry).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("meshnode_proxy_snapshots_rejected_total") == 1
+    assert value("meshnode_proxy_worker_restarts_total") == 0
+    assert value("meshnode_proxy_snapshot_version") == 0
+    ok = {"code_class": "2xx", "destination": "api", "direction": "outbound", "source": "web"}
+    assert value("meshnode_proxy_requests_total", **ok) == 1
+    assert value("meshnode_proxy_response_bytes_total", **ok) == 20
+    # cumulative buckets: the 3 ms request counts in every bucket from 5 ms up
+    bucket = "meshnode_proxy_request_duration_seconds_bucket"
+    assert value(bucket, **ok, le="0.0025") == 0
+    assert value(bucket, **ok, le="0.005") == 1
+    assert value(bucket, **ok, le="+Inf") == 1
+    assert value("meshnode_proxy_request_duration_seconds_count", **ok) == 1
+    assert value("meshnode_proxy_request_duration_seconds_sum", **ok) == pytest.approx(0.003)
+    tcp = {"direction": "inbound", "source": "web", "destination": "api"}
+    assert value("meshnode_proxy_tcp_connections_active", **tcp) == 1
+    failures = "meshnode_proxy_tls_handshake_failures_total"
+    assert value(failures, direction="inbound", reason="unknown_ca") == 1
+    await worker.close()
+
+
+async def test_garbage_and_bad_hello_are_dropped(control: tuple[ProxyControl, Source]) -> None:
+    proxy, _ = control
+    reader, writer = await asyncio.open_unix_connection(str(proxy.socket_path))
+    writer.write(encode_frame("hello", {"pid": 1, "protocol": 99}))
+    assert await asyncio.wait_for(reader.read(), 1) == b""  # closed, nothing sent
+    writer.close()
+    reader, writer = await asyncio.open_unix_connection(str(proxy.socket_path))
+    writer.write(b"\xff\xff\xff\xff")  # a 4 GiB frame
+    assert await asyncio.wait_for(reader.read(), 1) == b""
+    writer.close()
+    assert proxy.stats().workers_connected == 0
+
+
+async def test_stale_socket_file_is_replaced(short_dir: Path) -> None:
+    path = short_dir / "proxy.sock"
+    path.write_text("left over")
+    proxy = ProxyControl(path, Source().build)
+    await proxy.start()
+    try:
+        worker = await FakeWorker.connect(path)
+        assert (await worker.snapshot()).version == 1
+        await worker.close()
+    finally:
+        await proxy.aclose()
+    assert not path.exists()
+
+
+async def test_supervisor_restarts_an_exiting_worker_with_backoff(short_dir: Path) -> None:
+    starts = short_dir / "starts"
+    script = f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)"
+    supervisor = WorkerSupervisor(
+        [sys.executable, "-c", script], backoff=(0.01, 0.04), reset_after=30
+    )
+    task = asyncio.get_running_loop().create_task(supervisor.run())
+    try:
+        async with asyncio.timeout(10):
+            while supervisor.restarts < 3:  # noqa: ASYNC110 -- polling a plain counter
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(starts.read_text()) >= 3
+
+
+async def test_supervisor_stops_its_worker_by_pid(short_dir: Path) -> None:
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    supervisor = WorkerSupervisor([sys.executable, "-c", script], stop_timeout=0.3)
+    task = asyncio.get_running_loop().create_task(supervisor.run())
+    try:
+        async with asyncio.timeout(5):
+            while supervisor.pid is None:  # noqa: ASYNC110 -- polling a plain attribute
+                await asyncio.sleep(0.01)
+        pid = supervisor.pid
+        await asyncio.sleep(0.2)  # let it install its SIGTERM handler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert supervisor.restarts == 0
+    assert supervisor.stats_pid() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # SIGTERM was ignored, SIGKILL was not
+
+
+async def test_stopping_agent_does_not_restart(short_dir: Path) -> None:
+    supervisor = WorkerSupervisor([sys.executable, "-c", "pass"], backoff=(0.01, 0.01))
+    supervisor.stopping = True
+    await asyncio.wait_for(supervisor.run(), 5)
+    assert supervisor.restarts == 0
+
+
+def test_worker_command() -> None:
+    path = Path("/d/proxy.sock")
+    assert worker_command(path, python="py") == [
+        "py",
+        "-m",
+        "proxy",
+        "--control",
+        "/d/proxy.sock",
+        "--exit-with-agent",
+    ]
+    assert worker_command(path, event_loop="asyncio", python="py")[-2:] == [
+        "--event-loop",
+        "asyncio",
+    ]
+
+
+@pytest.mark.slow
+async def test_real_worker_applies_and_reports(short_dir: Path) -> None:
+    """The real ``python -m proxy --control`` worker, managed: it applies the snapshot,
+    sends stats, and exits when the agent closes the socket."""
+    source = Source()
+    path = short_dir / "proxy.sock"
+    proxy = ProxyControl(
+        path, source.build, worker_command=worker_command(path, event_loop="asyncio")
+    )
+    await proxy.start()
+    try:
+        stats = await asyncio.wait_for(
+            proxy.wait_for(lambda s: s.applied_version == 1 and s.dump is not None), 20
+        )
+        pid = stats.worker_pid
+        assert pid is not None
+        source.node = "n2"
+        proxy.changed()
+        await asyncio.wait_for(proxy.wait_for(lambda s: s.applied_version == 2), 5)
+    finally:
+        await proxy.aclose()
+    assert proxy.stats().worker_restarts == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.slow
+async def test_meshnode_proxy_command_connects_to_the_agent_socket(short_dir: Path) -> None:
+    """``meshnode proxy -data-dir DIR`` execs the worker against ``DIR/proxy.sock``."""
+    proxy = ProxyControl(short_dir / "proxy.sock", Source().build)
+    await proxy.start()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "meshnode.cli",
+        "proxy",
+        "-data-dir",
+        str(short_dir),
+        "-event-loop",
+        "asyncio",
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.wait_for(proxy.wait_for(lambda s: s.applied_version == 1), 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        await process.wait()
+        await proxy.aclose()
