@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,10 +20,11 @@ from typing import Any
 import msgpack
 import pytest
 
+from proxy import tls
 from proxy.dataplane import SnapshotRejected, plan_listeners
 from proxy.plane import DataPlane
 from proxy.server import FrameDecoder, encode_frame, read_frame
-from proxy.snapshot import Snapshot, encode
+from proxy.snapshot import AccessLog, Endpoint, Outlier, Snapshot, encode
 from tests.proxy.test_l4 import (
     DENY_WEB,
     WAIT_S,
@@ -33,8 +36,10 @@ from tests.proxy.test_l4 import (
     inbound_snapshot,
     outbound_snapshot,
     refused,
+    wait_for,
 )
 from tests.proxy.test_l4 import leaves as leaves
+from tests.proxy.test_tls import Leaf
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,12 +60,13 @@ def host_snapshot(
     outbound_port: int,
     *,
     version: int = 1,
+    web: Leaf | None = None,
     **inbound: Any,
 ) -> Snapshot:
-    """One host running both sides: web's outbound listener → its own inbound port
-    (SNI api) → api's local instance ``backend``."""
+    """One host running both sides: web's outbound listener (presenting ``web``) →
+    its own inbound port (SNI api) → api's local instance ``backend``."""
     served = inbound_snapshot(leaves, backend, port=inbound_port, version=version, **inbound)
-    calls = outbound_snapshot(leaves, [("127.0.0.1", inbound_port)], port=outbound_port)
+    calls = outbound_snapshot(leaves, [("127.0.0.1", inbound_port)], port=outbound_port, leaf=web)
     return replace(served, upstreams=calls.upstreams)
 
 
@@ -443,3 +449,130 @@ async def test_exit_with_agent(leaves: Leaves, tmp_path: Path) -> None:
                 assert await process.wait() == 0
     finally:
         await agent.close()
+
+
+async def _presented_leaf(leaves: Leaves, inbound_port: int) -> bytes:
+    """The DER leaf the inbound port presents for SNI ``api`` now."""
+    web = leaves.web
+    context = tls.client_context([leaves.pki.root_pem], web.chain_pem, web.key_pem)
+    async with asyncio.timeout(WAIT_S):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", inbound_port, ssl=context, server_hostname="api"
+        )
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+    return der
+
+
+def _der(chain_pem: str) -> bytes:
+    first = chain_pem.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    return ssl.PEM_cert_to_DER_cert(first)
+
+
+async def test_certificate_rotation_under_load_fails_nothing(
+    leaves: Leaves, plane: DataPlane
+) -> None:
+    backend = await echo_server()
+    inbound_port, outbound_port = free_port(), free_port()
+    outbound = ("127.0.0.1", outbound_port)
+    first = host_snapshot(leaves, address_of(backend), inbound_port, outbound_port)
+    failures: list[BaseException] = []
+    done = 0
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        nonlocal done
+        while not stop.is_set():
+            payload = f"request {index} {done}".encode()
+            try:
+                assert await exchange(outbound, payload) == payload
+                done += 1
+            except (OSError, AssertionError, asyncio.IncompleteReadError) as exc:
+                failures.append(exc)
+
+    try:
+        await plane.apply(first)
+        open_reader, open_writer = await asyncio.open_connection(*outbound)
+        async with asyncio.TaskGroup() as group:
+            for index in range(4):
+                group.create_task(client(index))
+            await asyncio.sleep(0.3)
+            api, web = leaves.pki.leaf("api"), leaves.pki.leaf("web")
+            api, web = leaves.pki.leaf("api"), leaves.pki.leaf("web")
+            rotated = host_snapshot(
+                leaves,
+                address_of(backend),
+                inbound_port,
+                outbound_port,
+                version=2,
+                leaf=api,
+                web=web,
+            )
+            before = done
+            await plane.apply(rotated)
+            await asyncio.sleep(0.3)
+            stop.set()
+        assert not failures, failures[:3]
+        assert done > before > 0
+        assert await _presented_leaf(leaves, inbound_port) == _der(api.chain_pem)
+        open_writer.write(b"opened before the rotation")
+        assert await open_reader.readexactly(26) == b"opened before the rotation"
+        open_writer.close()
+    finally:
+        backend.close()
+
+
+async def test_ejections_are_counted(leaves: Leaves, plane: DataPlane) -> None:
+    backend = await echo_server()
+    dead = await echo_server()
+    dead_address = address_of(dead)
+    dead.close()
+    await dead.wait_closed()
+    inbound_port, outbound_port = free_port(), free_port()
+    snapshot = host_snapshot(leaves, address_of(backend), inbound_port, outbound_port)
+    upstream = snapshot.upstreams[0]
+    cluster = upstream.clusters["api"]
+    cluster = replace(
+        cluster,
+        endpoints=(*cluster.endpoints, Endpoint(*dead_address, "api")),
+        outlier=Outlier(consecutive_5xx=2, max_ejection_percent=50),
+    )
+    snapshot = replace(snapshot, upstreams=(replace(upstream, clusters={"api": cluster}),))
+    try:
+        await plane.apply(snapshot)
+        for index in range(6):
+            payload = b"x%d" % index
+            assert await exchange(("127.0.0.1", outbound_port), payload) == payload
+        await wait_for(
+            lambda: counter(plane.telemetry, "outlier_ejections", destination="api") == 1,
+            "counted",
+        )
+    finally:
+        backend.close()
+
+
+async def test_the_access_log_goes_to_a_file(
+    leaves: Leaves, plane: DataPlane, tmp_path: Path
+) -> None:
+    backend = await echo_server()
+    inbound_port, outbound_port = free_port(), free_port()
+    path = tmp_path / "access.log"
+    snapshot = replace(
+        host_snapshot(leaves, address_of(backend), inbound_port, outbound_port),
+        access_log=AccessLog(path=str(path)),
+    )
+    try:
+        await plane.apply(snapshot)
+        assert await exchange(("127.0.0.1", outbound_port), b"logged") == b"logged"
+        await wait_for(lambda: path.exists() and len(path.read_text().splitlines()) == 2, "logged")
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert {r["direction"] for r in records} == {"inbound", "outbound"}
+        inbound = next(r for r in records if r["direction"] == "inbound")
+        assert inbound["source_id"] == leaves.web.spiffe_id
+        assert inbound["upstream"] == "{}:{}".format(*address_of(backend))
+        await plane.apply(replace(snapshot, version=2, access_log=AccessLog(path="off")))
+        assert await exchange(("127.0.0.1", outbound_port), b"quiet") == b"quiet"
+        await asyncio.sleep(0.1)
+        assert len(path.read_text().splitlines()) == 2
+    finally:
+        backend.close()
