@@ -43,10 +43,11 @@ reaches, see ``proxy.tls``) is done by the loop; the SNI callback also notes the
 name on the ``SSLObject`` (per-instance names ``i<hex>.<service>`` share their
 service's context, so the context alone cannot say which target was asked for).
 Then, per connection, :class:`proxy.runtime.InboundRuntime` decides: the target of
-the SNI name, the intention check (a denial closes), and for an ``http`` service the
-connection is handed to the L7 handler (:class:`HttpHandoff`); for a ``tcp`` service
-the per-connection rate limit and ``max_connections``, then a local instance (round
-robin) is connected and spliced.
+the SNI name; a connection to an ``http`` service is handed to the L7 handler
+(:class:`HttpHandoff`), which authorizes and rate-limits each request (a denial is a
+403 naming the intention, more useful than a closed connection); for a ``tcp``
+service the intention check (a denial closes), the per-connection rate limit and
+``max_connections``, then a local instance (round robin) is connected and spliced.
 
 An :class:`OutboundListener` serves plain TCP on loopback for one upstream (source
 service → destination). Per connection, :class:`proxy.runtime.UpstreamRuntime` gives
@@ -689,6 +690,12 @@ class InboundListener(_Listener):
             return
         peer = tls.peer_spiffe_id(ssl_object)
         source = runtime.source(peer)
+        if service.protocol == "http":
+            # Every request is authorized by the L7 handler, and a denied one gets a
+            # 403 naming the intention (x-meshnode-error), which a closed connection
+            # could not say: as Consul's http services, no connect-time check.
+            self._hand_over(link, transport, service, target, source, peer)
+            return
         verdict = runtime.authorize_connection(peer, service.name)
         if not verdict.allowed:
             self._counters.denied += 1
@@ -697,9 +704,6 @@ class InboundListener(_Listener):
                 "connection_denied peer=%s service=%s rule=%s", peer, service.name, verdict.rule
             )
             link.close()
-            return
-        if service.protocol == "http":
-            self._hand_over(link, transport, service, target, source, peer)
             return
         if not self._within_limits(link, runtime, source, service):
             link.close()

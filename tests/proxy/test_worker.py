@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
@@ -575,4 +575,78 @@ async def test_the_access_log_goes_to_a_file(
         await asyncio.sleep(0.1)
         assert len(path.read_text().splitlines()) == 2
     finally:
+        backend.close()
+
+
+# ---------------------------------------------------------------------------- http
+
+
+class _HttpBackend(asyncio.Protocol):
+    """Answers every request ``200 ok`` with keep-alive (requests without bodies)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+async def http_get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[int, dict[str, str], bytes]:
+    """One keep-alive request on an open connection: status, headers, body."""
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: api\r\n\r\n")
+    async with asyncio.timeout(WAIT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines[1:] if line)
+        }
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def http_host(
+    leaves: Leaves, backend: tuple[str, int], inbound_port: int, outbound_port: int, **inbound: Any
+) -> Snapshot:
+    snapshot = host_snapshot(
+        leaves, backend, inbound_port, outbound_port, protocol="http", **inbound
+    )
+    return replace(snapshot, upstreams=(replace(snapshot.upstreams[0], protocol="http"),))
+
+
+async def test_http_service_end_to_end_with_an_intention_switch(leaves: Leaves) -> None:
+    pytest.importorskip("proxy.l7")
+    plane = DataPlane()
+    backend = await asyncio.get_running_loop().create_server(_HttpBackend, "127.0.0.1", 0)
+    inbound_port, outbound_port = free_port(), free_port()
+    try:
+        await plane.apply(http_host(leaves, address_of(backend), inbound_port, outbound_port))
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound_port)
+        for _ in range(3):  # keep-alive through both proxies
+            status, _, body = await http_get(reader, writer)
+            assert (status, body) == (200, b"ok")
+        await plane.apply(
+            http_host(
+                leaves,
+                address_of(backend),
+                inbound_port,
+                outbound_port,
+                version=2,
+                intentions=(DENY_WEB,),
+            )
+        )
+        status, headers, _ = await http_get(reader, writer)  # the same client connection
+        assert status == 403
+        assert headers["x-meshnode-error"].startswith("intention: ")
+        writer.close()
+        assert counter(plane.telemetry, "requests", code_class="2xx", direction="outbound") >= 3
+    finally:
+        await plane.aclose()
         backend.close()
