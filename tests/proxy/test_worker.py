@@ -421,6 +421,15 @@ async def test_control_socket_snapshots_intention_switch_rejection_and_stats(
             await asyncio.sleep(0.2)
             assert process.returncode is None
             await refused(outbound)  # still version 2: deny
+            # A new agent on the same path: the worker comes back within a second or so.
+            agent = Agent(agent.path)
+            agent.path.unlink()
+            await agent.start()
+            reader, writer = await agent.accept()
+            assert (await next_of(reader, "hello"))[1]["pid"] == process.pid
+            send_snapshot(writer, replace(snapshot, version=4))
+            assert await next_of(reader, "applied") == ["applied", 4]
+            assert await exchange(outbound, b"allowed again") == b"allowed again"
             process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(WAIT_S):
                 assert await process.wait() == 0
@@ -649,4 +658,27 @@ async def test_http_service_end_to_end_with_an_intention_switch(leaves: Leaves) 
         assert counter(plane.telemetry, "requests", code_class="2xx", direction="outbound") >= 3
     finally:
         await plane.aclose()
+        backend.close()
+
+
+@pytest.mark.slow
+async def test_worker_process_serves_an_http_service(leaves: Leaves, tmp_path: Path) -> None:
+    pytest.importorskip("proxy.l7")
+    backend = await asyncio.get_running_loop().create_server(_HttpBackend, "127.0.0.1", 0)
+    inbound_port, outbound_port = free_port(), free_port()
+    path = tmp_path / "snapshot.bin"
+    path.touch(0o600)
+    path.write_bytes(encode(http_host(leaves, address_of(backend), inbound_port, outbound_port)))
+    try:
+        async with worker_process("--snapshot", str(path)) as process:
+            await ready_line(process)
+            reader, writer = await asyncio.open_connection("127.0.0.1", outbound_port)
+            for _ in range(2):
+                status, _, body = await http_get(reader, writer)
+                assert (status, body) == (200, b"ok")
+            writer.close()
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(WAIT_S):
+                assert await process.wait() == 0
+    finally:
         backend.close()
