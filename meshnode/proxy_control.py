@@ -189,6 +189,7 @@ class ProxyControl:
             else None
         )
         self._supervisor_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -216,6 +217,7 @@ class ProxyControl:
 
     async def aclose(self) -> None:
         """Stop the worker, close every connection, remove the socket."""
+        self._closed = True
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
@@ -247,7 +249,7 @@ class ProxyControl:
 
     def changed(self) -> None:
         """Something the snapshot may depend on changed: rebuild and push soon."""
-        if self._pending is None:
+        if self._pending is None and not self._closed:
             loop = asyncio.get_running_loop()
             self._pending = loop.call_later(self._debounce, self._rebuild_and_push)
 

@@ -129,6 +129,8 @@ _LB_POLICIES: Final[
     "ring_hash": "ring_hash",
 }
 _HASH_FIELDS: Final = {"header": "header", "cookie": "cookie", "query_parameter": "query"}
+#: An inbound port bound to these takes its port on every address.
+_WILDCARDS: Final = frozenset({"0.0.0.0", "::"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +303,7 @@ def _upstreams(inputs: SnapshotInputs, chains: _Chains) -> Iterable[Upstream]:
     address and port already taken (by the inbound port or an earlier upstream) is
     skipped, as is a source without a leaf yet."""
     taken = {(inputs.host, inputs.port)}
+    wildcard_inbound = inputs.host in _WILDCARDS
     services = inputs.catalog.local.services
     for service_id in sorted(services):
         declared = _declared(services[service_id])
@@ -311,7 +314,7 @@ def _upstreams(inputs: SnapshotInputs, chains: _Chains) -> Iterable[Upstream]:
             continue
         for upstream in declared.upstreams:
             address = (upstream.bind_address, upstream.bind_port)
-            if address in taken:
+            if address in taken or (wildcard_inbound and upstream.bind_port == inputs.port):
                 continue
             taken.add(address)
             routes, clusters = chains.compile(declared.source, upstream.destination)

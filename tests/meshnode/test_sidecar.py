@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshnode.catalog import Catalog
 from meshnode.connect import LocalLeaf
@@ -20,6 +22,8 @@ from meshnode.policy import (
 )
 from meshnode.sidecar import (
     SnapshotInputs,
+    _normalized,
+    _Target,
     build_snapshot,
     proxy_port_of,
     with_proxy_port,
@@ -618,3 +622,20 @@ def test_proxy_port_in_node_metadata() -> None:
     assert with_proxy_port(base, 0) == base
     assert proxy_port_of(with_proxy_port(b"", 20000)) == 20000
     assert proxy_port_of(b"garbage") == 0
+
+
+def test_wildcard_inbound_takes_its_port_everywhere() -> None:
+    world = World()
+    world.local(web_calling("api", 20000))
+    assert world.build(host="0.0.0.0").upstreams == ()
+    assert [u.port for u in world.build(host="10.0.0.1").upstreams] == [20000]
+
+
+@given(st.lists(st.integers(1, 10_000), min_size=1, max_size=12))
+def test_normalized_weights_always_add_up(raw: list[int]) -> None:
+    shares = {_Target(f"s{i}", ""): float(w) for i, w in enumerate(raw)}
+    out = _normalized(shares)
+    assert sum(w for _, w in out) == 10_000
+    total = sum(raw)
+    for target, weight in out:
+        assert abs(weight - shares[target] * 10_000 / total) < 1
