@@ -336,3 +336,78 @@ async def test_meshnode_proxy_command_connects_to_the_agent_socket(short_dir: Pa
             process.terminate()
         await process.wait()
         await proxy.aclose()
+
+
+@pytest.mark.slow
+async def test_agent_pushes_registrations_and_policy_to_its_proxy(short_dir: Path) -> None:
+    """A dev agent with ``proxy.managed = false``: a worker (the fake) gets a snapshot
+    at hello, a new one when a service with upstreams registers and has its leaf, and
+    another when an intention changes; the agent publishes its proxy port."""
+    from meshnode.agent import Agent
+    from meshnode.config import load_config
+    from meshnode.model import parse_registration
+    from meshnode.policy import parse_intention
+    from meshnode.sidecar import proxy_port_of
+
+    environ = {
+        "MESHNODE_DEV": "true",
+        "MESHNODE_DATA_DIR": str(short_dir / "d"),
+        "MESHNODE_GOSSIP_PORT": "0",
+        "MESHNODE_HTTP_ADDR": "127.0.0.1:0",
+        "MESHNODE_PROXY__PORT": "0",
+        "MESHNODE_PROXY__MANAGED": "false",
+    }
+    config = load_config({}, environ, cwd=short_dir, hostname="pc1")
+    agent = Agent(config)
+    up = asyncio.Event()
+    run = asyncio.create_task(agent.run(ready=lambda _: up.set()))
+    worker: FakeWorker | None = None
+    try:
+        async with asyncio.timeout(30):
+            await up.wait()
+            assert agent.proxy_port > 0
+            assert proxy_port_of(agent.node_meta()) == agent.proxy_port
+            worker = await FakeWorker.connect(short_dir / "d" / "proxy.sock")
+            first = await worker.snapshot()
+            assert first.upstreams == ()
+            service, checks = parse_registration(
+                {
+                    "Name": "web",
+                    "Port": 8080,
+                    "Connect": {
+                        "SidecarService": {
+                            "Proxy": {
+                                "Upstreams": [{"DestinationName": "api", "LocalBindPort": 15001}]
+                            }
+                        }
+                    },
+                }
+            )
+            agent.catalog.register_service(service, checks)
+            agent.local_changed()
+            while True:  # the leaf comes from the (local) leader, then the push
+                snapshot = await worker.snapshot(within=20)
+                if snapshot.upstreams and snapshot.inbound is not None:
+                    break
+            assert snapshot.upstreams[0].destination == "api"
+            assert snapshot.inbound.port == agent.proxy_port
+            assert snapshot.inbound.services["web"].default_allow  # --dev: allow
+            intention = parse_intention(
+                {"SourceName": "billing", "DestinationName": "web", "Action": "deny"}
+            )
+            await agent.write_policy(intention, None)
+            while True:
+                snapshot = await worker.snapshot(within=5)
+                rules = snapshot.inbound.services["web"].intentions if snapshot.inbound else ()
+                if rules:
+                    break
+            assert [(r.source, r.action) for r in rules] == [("billing", "deny")]
+            agent.stop()
+            await run
+    finally:
+        if worker is not None:
+            await worker.close()
+        if not run.done():
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
