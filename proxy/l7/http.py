@@ -30,9 +30,16 @@ written out again with :func:`request_bytes` / :func:`response_bytes`:
   verified SPIFFE ID.
 
 The readers are httptools "protocol" objects: llhttp calls their ``on_*`` methods. A
-subclass (the connection in ``transport.py``) provides ``head_received(head)`` and the
-two methods llhttp calls directly on the hot path, ``on_body(data)`` and
-``on_message_complete()``, so a body piece costs one Python call. Parse errors become
+subclass (the connection in ``transport.py``) provides ``head_received(head)``,
+``message_complete()`` and ``on_body(data)``, which llhttp calls directly, so a body
+piece costs one Python call.
+
+Verbatim heads: most heads have nothing to drop. When a read starts a message and
+holds its whole head, and a scan of the lowercased head finds no header the proxy
+drops, the head is kept as received (``Head.raw``) and forwarded as it is (or with a
+header inserted before its end): no per-header Python work at all — llhttp still
+parses and validates everything, and the body's framing is still its. Headers are
+then decoded only if a route or an intention looks at them. Parse errors become
 ``proxy.errors.RemoteProtocolError``.
 
 Proxy-generated responses (:func:`error_response`) carry ``x-meshnode-error: <kind>:
@@ -42,8 +49,11 @@ body, and ``connection: close`` when the connection will be closed after them.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
 from http import HTTPStatus
-from typing import Final
+from types import MappingProxyType
+from typing import Final, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -79,6 +89,16 @@ ERROR_HEADER: Final = "x-meshnode-error"
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 _DROPPED: Final = HOP_BY_HOP | {SOURCE_HEADER}
+#: A head with none of these (lowercased) is forwarded verbatim (module docstring).
+_SPECIAL_HEADER: Final = re.compile(
+    rb"\n(?:" + b"|".join(sorted(_DROPPED)).replace(b"-", rb"\-") + rb")[ \t]*:"
+)
+_CONTENT_LENGTH: Final = re.compile(rb"\ncontent-length[ \t]*:")
+#: Verbatim heads are looked for in the first this many bytes of a read.
+MAX_VERBATIM_HEAD: Final = 8 * 1024
+_METHODS: Final = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+}
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
 _SEPARATOR: Final = b": "
@@ -93,15 +113,18 @@ LAST_CHUNK: Final = _LAST_CHUNK
 
 
 class Head:
-    """What both heads share. ``fields`` is the forwarded headers serialized (see the
-    module docstring); ``names`` their lowercased names, ``values`` their values."""
+    """What both heads share. Either ``raw`` is the head as received (verbatim: it
+    has no header the proxy must drop), or ``fields`` is the forwarded headers
+    serialized (see the module docstring), ``names`` their lowercased names and
+    ``values`` their values."""
 
     __slots__ = (
-        "content_length",
         "fields",
         "framing",
         "keep_alive",
+        "line_end",
         "names",
+        "raw",
         "values",
         "version",
     )
@@ -110,17 +133,31 @@ class Head:
         self.fields: list[bytes] = []
         self.names: list[bytes] = []
         self.values: list[bytes] = []
+        self.raw: bytes | None = None
+        self.line_end = 0
         self.version = b"1.1"
         self.keep_alive = True
         self.framing = NO_BODY
-        self.content_length = -1
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a forwarded header (``name`` lowercase)."""
+        if self.raw is not None:
+            self._unpack()
         try:
             return self.values[self.names.index(name)]
         except ValueError:
             return None
+
+    def _unpack(self) -> None:
+        """Fill ``names``/``values`` from a verbatim head (when asked: most requests
+        are routed and authorized without looking at a header)."""
+        raw = self.raw
+        if raw is None or self.names:
+            return
+        for line in raw[self.line_end + 2 : -4].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            self.names.append(name.strip().lower())
+            self.values.append(value.strip(b" \t"))
 
 
 class RequestHead(Head):
@@ -137,19 +174,54 @@ class RequestHead(Head):
         request = self._request
         if request is None:
             path, _, query_text = self.target.decode("latin-1").partition("?")
-            query: dict[str, str] = {}
+            query: Mapping[str, str] = _NO_QUERY
             if query_text:
+                query = {}
                 for key, value in parse_qsl(query_text, keep_blank_values=True):
                     query.setdefault(key, value)
-            headers: dict[str, str] = {}
-            for raw_name, raw_value in zip(self.names, self.values, strict=True):
-                headers.setdefault(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
-            request = self._request = HttpRequest(self.method, path, headers, query)
+            request = self._request = HttpRequest(self.method, path, _Headers(self), query)
         return request
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT_METHODS
+
+
+_NO_QUERY: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+class _Headers(Mapping[str, str]):
+    """A request's headers for ``HttpRequest`` (lowercased names, first value wins),
+    decoded on first use."""
+
+    __slots__ = ("_decoded", "_head")
+
+    def __init__(self, head: Head) -> None:
+        self._head = head
+        self._decoded: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            head = self._head
+            if head.raw is not None:
+                head._unpack()
+            decoded = self._decoded = {}
+            for name, value in zip(head.names, head.values, strict=True):
+                decoded.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        return decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
 
 class ResponseHead(Head):
@@ -170,21 +242,61 @@ class ResponseHead(Head):
 
 
 class _Reader:
-    """The header-collecting half both readers share (httptools callbacks)."""
+    """What both readers share: the verbatim-head check and header collection
+    (httptools callbacks)."""
 
-    __slots__ = ("_connection_tokens", "_head", "_head_bytes", "_in_head", "_parser")
+    __slots__ = (
+        "_connection_tokens",
+        "_head",
+        "_head_bytes",
+        "_in_head",
+        "_open",
+        "_parser",
+        "_verbatim",
+    )
 
     _head: Head
+    _parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
+    def __init__(self) -> None:
+        self._in_head = False
+        self._open = False
+        self._verbatim: bytes | None = None
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        """Before llhttp sees a read: when it starts a message and holds its whole
+        head, keep that head (see ``_begin``)."""
+        if not self._open:
+            if isinstance(data, memoryview):
+                probe = bytes(data[:MAX_VERBATIM_HEAD])
+            else:
+                probe = data
+            end = probe.find(b"\r\n\r\n", 0, MAX_VERBATIM_HEAD)
+            self._verbatim = probe[: end + 4] if end >= 0 else None
+        self._parser.feed_data(data)
 
     def _begin(self, head: Head) -> None:
         self._head = head
+        self._open = True
+        raw = self._verbatim
+        if raw is not None:
+            self._verbatim = None  # only the first message of a read starts at 0
+            lowered = raw.lower()
+            if _SPECIAL_HEADER.search(lowered) is None:
+                # Nothing to drop: forward as received, skip the per-header work.
+                head.raw = raw
+                head.line_end = raw.find(b"\r\n")
+                if _CONTENT_LENGTH.search(lowered) is not None:
+                    head.framing = LENGTH
+                self._in_head = False
+                return
         self._in_head = True
         self._head_bytes = 0
         self._connection_tokens: list[bytes] | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            return  # a trailer: dropped (module docstring)
+            return  # a verbatim head, or a trailer (dropped: module docstring)
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
             raise RemoteProtocolError("head_too_large")
@@ -201,18 +313,18 @@ class _Reader:
             return
         if lower == b"content-length" and head.framing != CHUNKED:
             head.framing = LENGTH
-            head.content_length = int(value)  # llhttp has checked the digits
         head.fields += (name, _SEPARATOR, value, _CRLF)
         head.names.append(lower)
         head.values.append(value)
 
-    def _end_head(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> None:
-        self._in_head = False
+    def _end_head(self) -> None:
         head = self._head
-        head.version = b"1.0" if parser.get_http_version() == "1.0" else b"1.1"
+        parser = self._parser
         head.keep_alive = parser.should_keep_alive()
-        if head.framing == CHUNKED:
-            head.content_length = -1
+        if head.raw is not None:
+            return
+        self._in_head = False
+        head.version = b"1.0" if parser.get_http_version() == "1.0" else b"1.1"
         tokens = self._connection_tokens
         if tokens:
             _drop_named(head, tokens)
@@ -231,31 +343,35 @@ def _drop_named(head: Head, tokens: list[bytes]) -> None:
         head.framing = NO_BODY  # a client that hides its length is not forwarded one
 
 
+def _translate(exc: httptools.HttpParserError) -> RemoteProtocolError:
+    cause = exc.__context__
+    if isinstance(cause, RemoteProtocolError):
+        return cause
+    if isinstance(cause, ValueError):
+        return RemoteProtocolError("malformed", str(cause))
+    return RemoteProtocolError("malformed", str(exc))
+
+
 class RequestReader(_Reader):
     """Parses requests from a downstream connection. Subclasses provide
-    ``head_received(head)``, ``on_body(data)`` and ``on_message_complete()``."""
+    ``head_received(head)``, ``on_body(data)`` and ``message_complete()``."""
 
     __slots__ = ("_target_parts",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._parser = httptools.HttpRequestParser(self)
-        self._in_head = False
         self._target_parts: list[bytes] = []
 
     def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data``; raises ``RemoteProtocolError`` (the connection is then
+        unusable)."""
         try:
-            self._parser.feed_data(data)
+            self._parse(data)
         except httptools.HttpParserUpgrade:
             raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied") from None
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, RemoteProtocolError):
-                raise cause from None
-            if isinstance(cause, ValueError):
-                raise RemoteProtocolError("malformed", str(cause)) from None
-            raise
         except httptools.HttpParserError as exc:
-            raise RemoteProtocolError("malformed", str(exc)) from None
+            raise _translate(exc) from None
 
     def on_message_begin(self) -> None:
         self._begin(RequestHead())
@@ -265,70 +381,79 @@ class RequestReader(_Reader):
         self._target_parts.append(url)
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
+        parser = cast(httptools.HttpRequestParser, self._parser)
         if parser.should_upgrade():
             raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied")
-        self._end_head(parser)
+        self._end_head()
         head = self._head
         assert isinstance(head, RequestHead)
         parts = self._target_parts
         head.target = parts[0] if len(parts) == 1 else b"".join(parts)
-        head.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        head.method = _METHODS.get(method) or method.decode("ascii")
+        raw = head.raw
+        if raw is not None and raw[head.line_end - 3 : head.line_end] == b"1.0":
+            head.version = b"1.0"
         self.head_received(head)
 
+    def on_message_complete(self) -> None:
+        self._open = False
+        self.message_complete()
+
     def head_received(self, head: RequestHead) -> None:
+        raise NotImplementedError
+
+    def message_complete(self) -> None:
         raise NotImplementedError
 
 
 class ResponseReader(_Reader):
     """Parses responses from an upstream connection. Set ``no_body`` before a response
     to a ``HEAD`` request. Subclasses provide ``head_received(head)``,
-    ``on_body(data)`` and ``on_message_complete()``."""
+    ``on_body(data)`` and ``message_complete()``."""
 
-    __slots__ = ("_ended_at_head", "no_body")
+    __slots__ = ("no_body",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._parser = httptools.HttpResponseParser(self)
-        self._in_head = False
         self.no_body = False
-        self._ended_at_head = False
 
     def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data``; raises ``RemoteProtocolError``."""
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _EndedAtHead):
-                self._parser = httptools.HttpResponseParser(self)
-                return
-            if isinstance(cause, RemoteProtocolError):
-                raise cause from None
-            if isinstance(cause, ValueError):
-                raise RemoteProtocolError("malformed", str(cause)) from None
-            raise
+            self._parse(data)
         except httptools.HttpParserError as exc:
-            raise RemoteProtocolError("malformed", str(exc)) from None
+            if isinstance(exc.__context__, _EndedAtHead):
+                self._parser = httptools.HttpResponseParser(self)
+                self._open = False
+                return
+            raise _translate(exc) from None
 
     def on_message_begin(self) -> None:
         self._begin(ResponseHead())
 
     def on_status(self, reason: bytes) -> None:
         head = self._head
-        assert isinstance(head, ResponseHead)
-        head.reason += reason
+        if head.raw is None:
+            assert isinstance(head, ResponseHead)
+            head.reason += reason
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        self._end_head(parser)
+        parser = cast(httptools.HttpResponseParser, self._parser)
+        self._end_head()
         head = self._head
         assert isinstance(head, ResponseHead)
         status = head.status = parser.get_status_code()
+        raw = head.raw
+        if raw is not None and raw[5:8] == b"1.0":
+            head.version = b"1.0"
         if head.framing == NO_BODY and status >= 200 and status not in (204, 304):
             head.framing = UNTIL_CLOSE
         if self.no_body and status >= 200:
             head.framing = NO_BODY
             self.head_received(head)
-            self.on_message_complete()
+            self.message_complete()
             # Stop llhttp, which would wait for the announced body; feed() swaps in
             # a fresh parser (nothing follows a response before the next request).
             raise _EndedAtHead
@@ -336,10 +461,14 @@ class ResponseReader(_Reader):
             head.framing = NO_BODY
         self.head_received(head)
 
+    def on_message_complete(self) -> None:
+        self._open = False
+        self.message_complete()
+
     def head_received(self, head: ResponseHead) -> None:
         raise NotImplementedError
 
-    def on_message_complete(self) -> None:
+    def message_complete(self) -> None:
         raise NotImplementedError
 
 
@@ -352,7 +481,14 @@ class _EndedAtHead(Exception):
 
 def request_bytes(head: RequestHead, target: bytes, extra: bytes = b"") -> bytes:
     """The head to send upstream: HTTP/1.1, keep-alive, ``extra`` (serialized header
-    lines) added, chunked re-announced when the body is chunked."""
+    lines) added, chunked re-announced when the body is chunked. A verbatim head
+    with the same target goes as received."""
+    raw = head.raw
+    if raw is not None:
+        if target is head.target and head.version == b"1.1":
+            return b"".join((raw[:-2], extra, _CRLF)) if extra else raw
+        line = b"%b %b HTTP/1.1" % (head.method.encode("ascii"), target)
+        return b"".join((line, raw[head.line_end : -2], extra, _CRLF))
     framing = b"transfer-encoding: chunked\r\n" if head.framing == CHUNKED else b""
     return b"".join(
         (
@@ -377,6 +513,14 @@ def response_bytes(head: ResponseHead, *, chunked: bool, close: bool, http10_cli
         connection = b"connection: keep-alive\r\n"
     else:
         connection = b""
+    raw = head.raw
+    if raw is not None:
+        if head.version != b"1.1":
+            raw = b"HTTP/1.1" + raw[8:]
+        if not chunked and not connection:
+            return raw
+        framing = b"transfer-encoding: chunked\r\n" if chunked else b""
+        return b"".join((raw[:-2], framing, connection, _CRLF))
     reason = head.reason or _reason(head.status)
     return b"".join(
         (
@@ -387,6 +531,14 @@ def response_bytes(head: ResponseHead, *, chunked: bool, close: bool, http10_cli
             _CRLF,
         )
     )
+
+
+def informational_bytes(head: ResponseHead) -> bytes:
+    """A 1xx response to forward as it is."""
+    if head.raw is not None:
+        return head.raw
+    line = b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)
+    return b"".join((line, *head.fields, _CRLF))
 
 
 def _reason(status: int) -> bytes:

@@ -83,6 +83,7 @@ from proxy.l7.http import (
     ResponseReader,
     chunk,
     error_response,
+    informational_bytes,
     request_bytes,
     response_bytes,
     rewrite_target,
@@ -283,7 +284,7 @@ class _Server(ResponseReader):
         if exchange is not None:
             exchange.response_body(data)
 
-    def on_message_complete(self) -> None:
+    def message_complete(self) -> None:
         if self.informational:
             return
         exchange = self.exchange
@@ -435,7 +436,7 @@ class _Client(RequestReader):
         if exchange is not None:
             exchange.request_body(data)
 
-    def on_message_complete(self) -> None:
+    def message_complete(self) -> None:
         exchange = self._parsing
         self._parsing = None
         if exchange is not None:
@@ -699,7 +700,7 @@ class _Exchange:
         self.server = None
         server.exchange = None
         if reusable:
-            server.draining = True  # on_message_complete gives it back
+            server.draining = True  # message_complete gives it back
         else:
             server.transport.abort()
         self.client.resume(_PAUSE_PEER)
@@ -719,7 +720,7 @@ class _Exchange:
     def response_head(self, server: _Server, head: ResponseHead) -> None:
         if head.informational:
             if self.response is None:
-                self._down.append(response_bytes_informational(head))
+                self._down.append(informational_bytes(head))
             return
         if not self._accept_response(head):
             return
@@ -907,10 +908,6 @@ class _Exchange:
             "attempts": self.attempts,
             "error": self.error,
         }
-
-
-def response_bytes_informational(head: ResponseHead) -> bytes:
-    return b"".join((b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason), *head.fields, b"\r\n"))
 
 
 # ---------------------------------------------------------------------------- inbound
