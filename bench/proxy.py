@@ -32,10 +32,9 @@ What runs, all on loopback and on this machine's two shared cores:
     outbound listener: route, split, load balancer, breaker, metrics) → mutual TLS 1.3
     → worker B (the inbound port, SNI, intention check, metrics) → backend
     (:func:`start_meshnode_l4`, snapshots from :func:`meshnode_snapshots`);
-  - the meshnode L7 pair is **not registered yet** (issue 5). Adding it is one
-    :func:`register` call with a start function (``start_meshnode_pair(env,
-    "http")``); every figure, ratio and target check below then applies to it
-    unchanged.
+  - ``meshnode-l7``: the same pair in HTTP mode (:func:`start_meshnode_l7`): worker A
+    parses each request (route, split, pooled keep-alive mTLS connections to B),
+    worker B authorizes each request (intention, rate limit) → backend.
 
 Per configuration and round:
 
@@ -579,6 +578,23 @@ register(
         "candidate",
         "meshnode pair, TCP (python -m proxy workers, uvloop), mTLS 1.3 between",
         start_meshnode_l4,
+    )
+)
+
+
+async def start_meshnode_l7(env: Environment) -> Listening:
+    """The pair in HTTP mode: worker A parses requests (route, split, pooled keep-alive
+    mTLS connections to B), worker B authorizes each request (intention, rate limit)."""
+    return await start_meshnode_pair(env, "http")
+
+
+register(
+    Configuration(
+        "meshnode-l7",
+        "l7",
+        "candidate",
+        "meshnode pair, HTTP/1.1 (python -m proxy workers, uvloop), pooled mTLS 1.3 between",
+        start_meshnode_l7,
     )
 )
 

@@ -171,6 +171,7 @@ class DataPlane:
         self._timer_due = 0.0
         self._housekeeping: asyncio.TimerHandle | None = None
         self._closed = False
+        self._applying = asyncio.Lock()
 
     # -------------------------------------------------------------------- snapshot
 
@@ -179,7 +180,12 @@ class DataPlane:
         return self.compiled.snapshot.version if self.compiled is not None else None
 
     async def apply(self, snapshot: Snapshot) -> None:
-        """Make ``snapshot`` the one that serves (see the module docstring)."""
+        """Make ``snapshot`` the one that serves (see the module docstring). One at a
+        time: a second call waits for the first."""
+        async with self._applying:
+            await self._apply(snapshot)
+
+    async def _apply(self, snapshot: Snapshot) -> None:
         if self._closed:
             raise SnapshotRejected("the data plane is closed")
         try:
@@ -199,6 +205,7 @@ class DataPlane:
             raise SnapshotRejected(_describe(exc)) from exc
         await self._commit(compiled, material, plan, l7, new_inbound, created)
         self.access_log.switch(snapshot.access_log, opened_log)
+        self._count_ejections()  # the old snapshot's last events
         self.compiled = compiled
         self._tls = material
         self.telemetry.set_gauge("snapshot_version", (), snapshot.version)
