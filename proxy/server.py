@@ -131,6 +131,9 @@ class Worker:
             snapshot = decode(data)
         except SnapshotError as exc:
             return -1, str(exc)
+        except Exception as exc:  # a codec bug must not end the worker: reject instead
+            log.exception("snapshot_decode_failed")
+            return -1, f"{type(exc).__name__}: {exc}"
         try:
             await self.plane.apply(snapshot)
         except SnapshotRejected as exc:
