@@ -795,6 +795,8 @@ class Agent:
                 return
             self.config = config
             self.local_changed()
+            if self._proxy is not None:
+                self._proxy.changed()  # access log settings (port and worker: restart)
             log.info("reloaded", services=len(config.services))
         finally:
             systemd.ready()

@@ -359,6 +359,29 @@ _PROXY_NAME: Final = re.compile(r"meshnode_proxy_[a-z0-9_]{1,64}")
 _LABEL_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,31}")
 #: The most series per dump the agent exports (a runaway worker cannot flood a scrape).
 MAX_PROXY_SERIES: Final = 20_000
+#: Help texts of the worker's families (``proxy/telemetry.py``); others get a generic one.
+PROXY_HELP: Final[Mapping[str, str]] = {
+    "meshnode_proxy_requests_total": "HTTP requests (code_class 2xx..5xx) or TCP connections "
+    "(code_class tcp), by direction, source and destination service.",
+    "meshnode_proxy_request_bytes_total": "Bytes received from the downstream caller.",
+    "meshnode_proxy_response_bytes_total": "Bytes sent to the downstream caller.",
+    "meshnode_proxy_request_duration_seconds": "Request (or TCP connection) duration.",
+    "meshnode_proxy_tcp_connections_opened_total": "Connections accepted.",
+    "meshnode_proxy_tcp_connections_closed_total": "Connections closed.",
+    "meshnode_proxy_tcp_connections_active": "Connections open now.",
+    "meshnode_proxy_tls_handshake_failures_total": "Failed TLS handshakes, by reason "
+    "(plaintext, unknown CA, bad identity...).",
+    "meshnode_proxy_intention_denials_total": "Connections (l4) or requests (l7) an intention "
+    "refused.",
+    "meshnode_proxy_rate_limited_total": "Requests refused with 429 by a local rate limit.",
+    "meshnode_proxy_retries_total": "Retried upstream attempts.",
+    "meshnode_proxy_circuit_breaker_trips_total": "Requests refused with 503 by a circuit "
+    "breaker, by limit.",
+    "meshnode_proxy_outlier_ejections_total": "Endpoints ejected by outlier detection.",
+    "meshnode_proxy_no_healthy_endpoint_total": "Requests with no healthy endpoint (503).",
+    "meshnode_proxy_upstream_timeouts_total": "Upstream requests that timed out (504).",
+    "meshnode_proxy_open_connections": "Connections the worker holds open.",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,14 +476,13 @@ def _dump_families(dump: Mapping[str, object]) -> Iterator[Metric]:
         found = families.get(name)
         if found is None:
             metric: Family
+            text = PROXY_HELP.get(name, f"Proxy worker {kind}.")
             if kind == "counter":
-                metric = CounterMetricFamily(
-                    name.removesuffix("_total"), "Proxy worker counter.", labels=list(labels)
-                )
+                metric = CounterMetricFamily(name.removesuffix("_total"), text, labels=list(labels))
             elif kind == "gauge":
-                metric = GaugeMetricFamily(name, "Proxy worker gauge.", labels=list(labels))
+                metric = GaugeMetricFamily(name, text, labels=list(labels))
             else:
-                metric = HistogramMetricFamily(name, "Proxy worker histogram.", labels=list(labels))
+                metric = HistogramMetricFamily(name, text, labels=list(labels))
             families[name] = found = (metric, labels)
         return found[0] if found[1] == labels else None
 

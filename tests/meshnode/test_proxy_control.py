@@ -13,8 +13,11 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -411,3 +414,49 @@ async def test_agent_pushes_registrations_and_policy_to_its_proxy(short_dir: Pat
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await run
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
+_json = st.recursive(
+    _scalar,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["counters", "gauges", "histograms", "other"]), _json, max_size=4
+    )
+)
+def test_any_dump_exports_without_raising(dump: dict[str, Any]) -> None:
+    """A dump comes from another process: garbage is skipped, never raised."""
+    registry = CollectorRegistry()
+    register_proxy_metrics(registry, lambda: ProxyMetricsSource(0, 0, 0, dump))
+    generate_latest(registry)
+
+
+def test_malformed_series_are_skipped() -> None:
+    dump = {
+        "counters": [
+            ["meshnode_proxy_retries_total", [["source", "web"]], 2],
+            ["meshnode_proxy_retries_total", [["other", "x"]], 1],  # another label set
+            ["not_ours_total", [], 1],
+            ["meshnode_proxy_x_total", [["Bad-Label", "v"]], 1],
+            ["meshnode_proxy_y_total", [], "many"],
+            ["meshnode_proxy_worker_restarts_total", [], 99],  # the agent's own
+        ],
+        "histograms": [["meshnode_proxy_h", [], [0.1], [1], 0.05, 1]],  # counts too short
+    }
+    registry = CollectorRegistry()
+    register_proxy_metrics(registry, lambda: ProxyMetricsSource(1, 0, 0, dump))
+    text = generate_latest(registry).decode()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == [
+        "meshnode_proxy_worker_restarts_total 1.0",
+        "meshnode_proxy_snapshot_version 0.0",
+        "meshnode_proxy_snapshots_rejected_total 0.0",
+        'meshnode_proxy_retries_total{source="web"} 2.0',
+    ]
