@@ -829,9 +829,23 @@ class Agent:
         config = self.config
         core = self.transport.core
         server = "true" if config.server else "false"
+        stats: dict[str, object] = {}
+        if self._proxy is not None:
+            proxy = self._proxy.stats()
+            stats["proxy"] = {  # strings, as every Stats value in Consul
+                "port": str(self.proxy_port),
+                "snapshot_version": str(proxy.snapshot_version),
+                "applied_version": str(proxy.applied_version),
+                "snapshots_rejected": str(proxy.snapshots_rejected),
+                "last_rejection": proxy.last_rejection,
+                "workers_connected": str(proxy.workers_connected),
+                "worker_restarts": str(proxy.worker_restarts),
+                "managed": "true" if config.proxy.managed else "false",
+            }
         return {
             "Config": {"Server": config.server},
             "Stats": {
+                **stats,
                 "consul": {"server": server},
                 "serf_lan": {
                     "members": str(core.count(MemberState.ALIVE)),
@@ -1024,6 +1038,7 @@ class Agent:
         except (OSError, ValueError) as exc:
             log.error("proxy_not_started", socket=str(path), error=str(exc))
             self.proxy_port = 0
+            self._publish_node_meta()  # others must not route to a proxy we lack
             return
         stack.push_async_callback(control.aclose)
         self._proxy = control

@@ -405,6 +405,15 @@ async def test_agent_pushes_registrations_and_policy_to_its_proxy(short_dir: Pat
                 if rules:
                     break
             assert [(r.source, r.action) for r in rules] == [("billing", "deny")]
+            control = agent.proxy_control
+            assert control is not None
+            worker.send("applied", snapshot.version)
+            applied = snapshot.version
+            await asyncio.wait_for(control.wait_for(lambda s: s.applied_version == applied), 5)
+            proxy_stats = agent.self_info()["Stats"]
+            assert isinstance(proxy_stats, dict)
+            assert proxy_stats["proxy"]["applied_version"] == str(snapshot.version)
+            assert proxy_stats["proxy"]["port"] == str(agent.proxy_port)
             agent.stop()
             await run
     finally:
