@@ -26,7 +26,8 @@ that do not concern the proxy (a check's output, another node's unrelated servic
 cost a build and no push.
 
 Worker supervision (:class:`WorkerSupervisor`). With ``proxy.managed`` the agent runs
-``python -m proxy --control <socket> --exit-with-agent``, with stdout and stderr
+``python -m proxy --control <socket> --exit-with-agent`` from the first snapshot that
+has a listener on (an agent with nothing to proxy runs no worker), with stdout and stderr
 inherited (the worker's ``ready`` line and access log go where the agent's output
 goes). When it exits it is started again after a backoff of 0.1 s doubling to 5 s,
 reset once a worker has lived 30 s, so a worker that crashes at start does not spin
@@ -162,8 +163,10 @@ class ProxyControl:
         debounce: float = DEBOUNCE,
         restart_backoff: tuple[float, float] = (RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX),
         restart_reset_after: float = RESTART_RESET_AFTER,
+        start_worker_when_needed: bool = True,
     ) -> None:
         self.socket_path = socket_path
+        self._when_needed = start_worker_when_needed
         self._build = build
         self._debounce = debounce
         self._server: asyncio.Server | None = None
@@ -211,9 +214,21 @@ class ProxyControl:
             self._serve, path=str(path), limit=MAX_FRAME_BYTES + _LENGTH.size
         )
         os.chmod(path, 0o600)
-        if self.supervisor is not None:
-            self._supervisor_task = asyncio.get_running_loop().create_task(self.supervisor.run())
         log.info("proxy_control_listening", socket=str(path), version=self._version)
+        self._start_worker_if_needed()
+
+    def _start_worker_if_needed(self) -> None:
+        """Start the supervised worker, once: at once, or (``start_worker_when_needed``)
+        with the first snapshot that has a listener — an agent with no service to
+        proxy, the common case of test clusters and benchmarks, runs no worker."""
+        if self.supervisor is None or self._supervisor_task is not None or self._server is None:
+            return
+        snapshot = self._snapshot
+        if self._when_needed and (
+            snapshot is None or (snapshot.inbound is None and not snapshot.upstreams)
+        ):
+            return
+        self._supervisor_task = asyncio.get_running_loop().create_task(self.supervisor.run())
 
     async def aclose(self) -> None:
         """Stop the worker, close every connection, remove the socket."""
@@ -270,6 +285,7 @@ class ProxyControl:
             for worker in list(self._workers):
                 if not worker.send(self._frame):
                     self._workers.discard(worker)
+            self._start_worker_if_needed()
 
     def _rebuild(self) -> bool:
         """Build; True if the snapshot changed (and got a new version)."""

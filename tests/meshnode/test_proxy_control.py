@@ -29,7 +29,16 @@ from meshnode.proxy_control import (
     read_frame,
     worker_command,
 )
-from proxy.snapshot import AccessLog, Snapshot, decode
+from proxy.snapshot import (
+    AccessLog,
+    Certificate,
+    Cluster,
+    Route,
+    Snapshot,
+    SplitTarget,
+    Upstream,
+    decode,
+)
 from proxy.telemetry import Telemetry
 
 
@@ -50,13 +59,29 @@ class Source:
         self.node = "n1"
         self.sample = 1.0
         self.builds = 0
+        self.listener = False
 
     def build(self) -> Snapshot:
         self.builds += 1
+        upstreams: tuple[Upstream, ...] = ()
+        if self.listener:
+            cluster = Cluster("api", "api", "spiffe://td/ns/default/dc/dc1/svc/api", ())
+            upstreams = (
+                Upstream(
+                    source="web",
+                    destination="api",
+                    host="127.0.0.1",
+                    port=1,
+                    certificate=Certificate("chain", "key", "spiffe://td/svc/web"),
+                    routes=(Route("api/default", (SplitTarget(10_000, "api"),)),),
+                    clusters={"api": cluster},
+                ),
+            )
         return Snapshot(
             version=0,
             trust_domain="td",
             trust_bundle=(),
+            upstreams=upstreams,
             access_log=AccessLog(sample=self.sample),
             node=self.node,
         )
@@ -274,6 +299,26 @@ async def test_stopping_agent_does_not_restart(short_dir: Path) -> None:
     assert supervisor.restarts == 0
 
 
+async def test_worker_starts_with_the_first_snapshot_that_has_a_listener(
+    short_dir: Path,
+) -> None:
+    source = Source()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    proxy = ProxyControl(short_dir / "proxy.sock", source.build, worker_command=sleeper)
+    await proxy.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert proxy.supervisor is not None and proxy.supervisor.stats_pid() is None
+        source.listener = True
+        proxy.rebuild_now()
+        async with asyncio.timeout(5):
+            while proxy.supervisor.stats_pid() is None:  # noqa: ASYNC110 -- a plain attribute
+                await asyncio.sleep(0.01)
+    finally:
+        await proxy.aclose()
+    assert proxy.supervisor.stats_pid() is None
+
+
 def test_worker_command() -> None:
     path = Path("/d/proxy.sock")
     assert worker_command(path, python="py") == [
@@ -297,7 +342,10 @@ async def test_real_worker_applies_and_reports(short_dir: Path) -> None:
     source = Source()
     path = short_dir / "proxy.sock"
     proxy = ProxyControl(
-        path, source.build, worker_command=worker_command(path, event_loop="asyncio")
+        path,
+        source.build,
+        worker_command=worker_command(path, event_loop="asyncio"),
+        start_worker_when_needed=False,
     )
     await proxy.start()
     try:
