@@ -639,3 +639,63 @@ def test_normalized_weights_always_add_up(raw: list[int]) -> None:
     total = sum(raw)
     for target, weight in out:
         assert abs(weight - shares[target] * 10_000 / total) < 1
+
+
+_SERVICES = ("a", "b", "c")
+
+
+@st.composite
+def _chains(draw: st.DrawFn) -> dict[tuple[str, str], dict[str, Any]]:
+    """Random splitters and resolvers over three http services, loops included
+    (policy validation does not follow chains across services)."""
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for service in _SERVICES:
+        if draw(st.booleans()):
+            resolver: dict[str, Any] = {"Subsets": {"v1": {}, "v2": {"OnlyPassing": True}}}
+            if draw(st.booleans()):
+                resolver["DefaultSubset"] = draw(st.sampled_from(["v1", "v2"]))
+            if draw(st.booleans()):
+                resolver["Redirect"] = {
+                    "Service": draw(st.sampled_from([s for s in _SERVICES if s != service]))
+                }
+            elif draw(st.booleans()):
+                resolver["Failover"] = {
+                    "*": {"Targets": [{"Service": draw(st.sampled_from(_SERVICES))}]}
+                }
+            entries[("service-resolver", service)] = resolver
+        if draw(st.booleans()):
+            targets = draw(
+                st.lists(st.sampled_from(_SERVICES), min_size=1, max_size=3, unique=True)
+            )
+            cuts = sorted(
+                draw(
+                    st.lists(
+                        st.integers(0, 10_000), min_size=len(targets) - 1, max_size=len(targets) - 1
+                    )
+                )
+            )
+            bounds = [0, *cuts, 10_000]
+            entries[("service-splitter", service)] = {
+                "Splits": [
+                    {"Weight": (bounds[i + 1] - bounds[i]) / 100, "Service": target}
+                    for i, target in enumerate(targets)
+                ]
+            }
+    return entries
+
+
+@given(_chains())
+def test_any_chain_compiles_to_a_valid_snapshot(
+    entries: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    world = World()
+    world.local(web_calling("a"))
+    http(world, *_SERVICES)
+    for service in _SERVICES:
+        world.remote(f"n-{service}", f"10.0.1.{len(service)}", [{"Name": service, "Port": 1}])
+    for (kind, name), body in entries.items():
+        world.entry(kind, name, body)
+    upstream = only_upstream(world.build())  # check() passed: splits add up, names resolve
+    assert upstream.routes[-1].name == "a/default"
+    for cluster in upstream.clusters.values():
+        assert cluster.service in _SERVICES
