@@ -599,15 +599,17 @@ class _Listener:
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Stop accepting and drop every open connection; with ``drain``, leave
-        open connections to finish on their own."""
-        if self._server is not None:
-            self._server.close()
+        open connections to finish on their own (and do not wait for them: since
+        Python 3.12 ``Server.wait_closed`` waits for every connection it accepted,
+        including those handed to the L7 handler)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         if not drain:
             for link in list(self._links):
                 link.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+            if server is not None:
+                await server.wait_closed()
 
 
 # ---------------------------------------------------------------------------- inbound

@@ -283,6 +283,9 @@ class DataPlane:
                 )
             else:
                 self._http_inbound.update(compiled.inbound)
+        if compiled.inbound is None and self._http_inbound is not None:
+            http, self._http_inbound = self._http_inbound, None
+            await http.aclose()  # before the inbound listener that accepted them
         old_inbound = self.inbound
         if plan.inbound == "update":
             assert old_inbound is not None and compiled.inbound is not None
@@ -293,9 +296,6 @@ class DataPlane:
             await old_inbound.aclose(drain=plan.inbound == "rebind")
         if new_inbound is not None:
             self.inbound = new_inbound
-        if compiled.inbound is None and self._http_inbound is not None:
-            http, self._http_inbound = self._http_inbound, None
-            await http.aclose()
         for address in plan.update:
             self.outbound[address].update(compiled.upstreams[address], material.upstreams[address])
         for address in plan.close:
@@ -423,12 +423,12 @@ class DataPlane:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._http_inbound is not None:  # first: its connections came from inbound
+            await self._http_inbound.aclose()
+            self._http_inbound = None
         if self.inbound is not None:
             await self.inbound.aclose()
             self.inbound = None
-        if self._http_inbound is not None:
-            await self._http_inbound.aclose()
-            self._http_inbound = None
         for listener in self.outbound.values():
             await listener.aclose()
         self.outbound.clear()
