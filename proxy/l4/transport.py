@@ -713,6 +713,12 @@ class InboundListener(_Listener):
         link.peer_id = peer or ""
         self._opened(link, source, service.name)
         link.start_idle_timer(service.idle_timeout)
+        if not target.addresses:  # no local instance left (the agent's next snapshot)
+            self._counters.no_endpoint += 1
+            self.telemetry.no_endpoint(source, service.name)
+            link.error = ERROR_LOCAL_UNAVAILABLE
+            link.close()
+            return
         address = runtime.local_address(target)
         link.upstream_label = f"{address[0]}:{address[1]}"
         link.attempts = 1
