@@ -656,6 +656,8 @@ async def test_http_service_end_to_end_with_an_intention_switch(leaves: Leaves) 
         assert headers["x-meshnode-error"].startswith("intention: ")
         writer.close()
         assert counter(plane.telemetry, "requests", code_class="2xx", direction="outbound") >= 3
+        # The inbound connection handed to L7 is still counted as one.
+        assert counter(plane.telemetry, "tcp_connections_opened", direction="inbound") == 1
     finally:
         await plane.aclose()
         backend.close()
