@@ -684,3 +684,31 @@ async def test_worker_process_serves_an_http_service(leaves: Leaves, tmp_path: P
                 assert await process.wait() == 0
     finally:
         backend.close()
+
+
+async def test_a_protocol_change_replaces_the_outbound_listener(leaves: Leaves) -> None:
+    pytest.importorskip("proxy.l7")
+    plane = DataPlane()
+    backend = await asyncio.get_running_loop().create_server(_HttpBackend, "127.0.0.1", 0)
+    inbound_port, outbound_port = free_port(), free_port()
+    outbound = ("127.0.0.1", outbound_port)
+    try:
+        await plane.apply(host_snapshot(leaves, address_of(backend), inbound_port, outbound_port))
+        tcp_listener = plane.outbound[outbound]
+        reader, writer = await asyncio.open_connection(*outbound)
+        status, _, body = await http_get(reader, writer)  # HTTP spliced as bytes
+        assert (status, body) == (200, b"ok")
+        await plane.apply(
+            replace(http_host(leaves, address_of(backend), inbound_port, outbound_port), version=2)
+        )
+        assert plane.outbound[outbound] is not tcp_listener
+        with contextlib.suppress(ConnectionResetError):  # closed with its listener
+            assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
+        writer.close()
+        reader, writer = await asyncio.open_connection(*outbound)
+        status, _, body = await http_get(reader, writer)
+        assert (status, body) == (200, b"ok")
+        writer.close()
+    finally:
+        await plane.aclose()
+        backend.close()
