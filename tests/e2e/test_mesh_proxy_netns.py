@@ -36,6 +36,7 @@ happens. Timings are printed (run with ``-s``).
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -146,6 +147,79 @@ for line in sys.stdin:
     sys.stdout.write(json.dumps(answer) + "\\n")
     sys.stdout.flush()
 """
+
+
+#: Run in the bridge's namespace: ``DEVICE PORT MARKER...``. Captures every TCP segment
+#: to or from PORT on DEVICE (one bridge port: all of a host's traffic) until a line
+#: arrives on stdin, then prints one JSON line: the first payload bytes (hex) of each
+#: flow toward PORT, and how many segments held each marker in the clear.
+SNIFFER_SCRIPT: Final = """\
+import json, select, socket, struct, sys
+
+device, port, markers = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+sniffer.bind((device, 0))
+first, clear, segments = {}, dict.fromkeys(markers, 0), 0
+
+def take(frame):
+    global segments
+    if frame[12:14] != b"\\x08\\x00" or frame[23] != 6:  # IPv4, TCP
+        return
+    ip = frame[14:]
+    header, total = (ip[0] & 15) * 4, struct.unpack("!H", ip[2:4])[0]
+    tcp = ip[header:]
+    source, destination = struct.unpack("!HH", tcp[:4])
+    payload = ip[header + (tcp[12] >> 4) * 4 : total]
+    if port not in (source, destination) or not payload:
+        return
+    segments += 1
+    if destination == port:
+        flow = f"{socket.inet_ntoa(ip[12:16])}:{source}->{socket.inet_ntoa(ip[16:20])}:{port}"
+        first.setdefault(flow, payload[:3].hex())
+    for marker in markers:
+        clear[marker] += marker.encode() in payload
+
+print("ready", flush=True)
+while sys.stdin not in select.select([sniffer, sys.stdin], [], [])[0]:
+    take(sniffer.recv(1 << 18))
+sniffer.setblocking(False)  # stop: what is already queued still counts
+try:
+    while True:
+        take(sniffer.recv(1 << 18))
+except BlockingIOError:
+    pass
+print(json.dumps({"first": first, "clear": clear, "segments": segments}), flush=True)
+"""
+
+
+class Sniffer:
+    """What crossed one bridge port, seen from the wire (an ``AF_PACKET`` socket in the
+    bridge's namespace): proof that the mesh's bytes between hosts are TLS records."""
+
+    def __init__(self, lab: NetnsLab, device: str, markers: list[str]) -> None:
+        self.process = subprocess.Popen(
+            [
+                "ip", "netns", "exec", lab.bridge_namespace, sys.executable, "-I", "-S",
+                "-c", SNIFFER_SCRIPT, device, str(PROXY_PORT), *markers,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        lab.processes.append(self.process)  # type: ignore[arg-type]
+        assert self.process.stdout is not None and self.process.stdin is not None
+        ready = self.process.stdout.readline().strip()
+        assert ready == "ready", f"the sniffer did not start: {ready!r}"
+
+    def report(self) -> dict[str, Any]:
+        """Stop capturing; what was seen."""
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.process.stdin.write("stop\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        self.process.wait(timeout=10)
+        report: dict[str, Any] = json.loads(line)
+        return report
 
 
 class DriverError(Exception):
@@ -441,6 +515,10 @@ def set_link(mesh: Mesh, host: str, state: str) -> None:
 def test_web_reaches_api_across_hosts_over_mtls_and_fails_over_on_a_partition(
     mesh: Mesh,
 ) -> None:
+    # Every byte to and from h1 from here on, seen on its bridge port: the mesh's
+    # connections to h2 and h3 all start after this, with their handshakes.
+    mesh_marker, probe_marker = f"mesh-{secrets.token_hex(6)}", f"probe-{secrets.token_hex(6)}"
+    sniffer = Sniffer(mesh.lab, "port1", [mesh_marker, probe_marker])
     registered = time.monotonic()
     register(mesh)
 
@@ -448,7 +526,7 @@ def test_web_reaches_api_across_hosts_over_mtls_and_fails_over_on_a_partition(
     seen: Counter[str] = Counter()
 
     def both_instances_serve() -> bool:
-        answer = mesh.through(WEB_UPSTREAM)
+        answer = mesh.through(WEB_UPSTREAM, f"/{mesh_marker}")
         seen[instance_of(answer)] += 1
         assert answer.json()["source"] == "web", answer.body
         return {"api-h2", "api-h3"} <= set(seen)
@@ -467,9 +545,23 @@ def test_web_reaches_api_across_hosts_over_mtls_and_fails_over_on_a_partition(
     # (2) Between hosts it is TLS: plaintext HTTP to h2's inbound port gets no HTTP back.
     for host in ("h2", "h3"):
         received = mesh.driver.raw(
-            mesh.hosts[host].address, PROXY_PORT, "GET / HTTP/1.1\r\nHost: api\r\n\r\n"
+            mesh.hosts[host].address,
+            PROXY_PORT,
+            f"GET /{probe_marker} HTTP/1.1\r\nHost: api\r\n\r\n",
         )
         assert "HTTP/1." not in received, (host, received[:200])
+    # On the wire: the probe's path was seen in the clear (the capture works), the
+    # mesh's path never was, and every mesh connection opened with a TLS handshake
+    # record (0x16, version 0x03..).
+    wire = sniffer.report()
+    probes = {f for f, start in wire["first"].items() if start == b"GET".hex()}
+    handshakes = {f for f, start in wire["first"].items() if start.startswith("1603")}
+    print(f"on the wire: {wire['segments']} segments, flows {wire['first']}")
+    assert wire["clear"][mesh_marker] == 0 and wire["clear"][probe_marker] >= 2, wire
+    assert len(probes) == 2 and handshakes == set(wire["first"]) - probes, wire
+    assert {f.rsplit("->", 1)[1] for f in handshakes} == {
+        f"{mesh.hosts[h].address}:{PROXY_PORT}" for h in ("h2", "h3")
+    }, wire
 
     # (3) + (4) h2 drops off the network.
     watcher = PartitionWatcher(mesh, start_driver(mesh.lab, mesh.hosts["h1"].namespace))
