@@ -12,11 +12,16 @@ through the agents' own HTTP API:
 4. identity and policy: agent1 holds a SPIFFE certificate for ``web`` signed by the
    leader's CA; an intention ``web → db: allow`` written at agent2 is in force at agent3
    (the default policy is deny);
-5. ``kill -9`` agent1: agent3 marks it failed, and ``web`` critical through serfHealth;
-6. restarts agent1 with no join address: it rejoins from its saved members, serves its
+5. the proxy: a ``client`` service registered at agent3 declares ``web`` as an upstream
+   on a loopback port; ``web`` is made an ``http`` service; with an intention ``client →
+   web: allow`` a request to that port crosses agent3's proxy worker, mutual TLS,
+   agent1's worker and reaches ``web``; with ``deny`` the next request on the same
+   connection gets a 403 that names the intention;
+6. ``kill -9`` agent1: agent3 marks it failed, and ``web`` critical through serfHealth;
+7. restarts agent1 with no join address: it rejoins from its saved members, serves its
    registration from disk, and ``web`` is passing again;
-7. SIGTERMs agent2: agent3 sees it *left*, not failed;
-8. prints the timings and stops everything (exit 0; 1 if a step did not happen).
+8. SIGTERMs agent2: agent3 sees it *left*, not failed;
+9. prints the timings and stops everything (exit 0; 1 if a step did not happen).
 
 With ``--forever`` it brings agent2 back, prints the addresses, and keeps the cluster up
 until Ctrl-C. Every child process is stopped and reaped, and the temp dir removed, on
@@ -69,6 +74,9 @@ PAUSE: Final = 4.5
 #: How often the demo polls the agents; it bounds the timing resolution.
 POLL: Final = 0.1
 SERVICE: Final = "web"
+#: Calls ``web`` through the proxies (step 5).
+CLIENT: Final = "client"
+PROXY_INTENTION_PATH: Final = "/v1/connect/intentions/exact?source=client&destination=web"
 SERVICE_ID: Final = "web-1"
 CHECK_ID: Final = f"service:{SERVICE_ID}"
 INDENT: Final = " " * 10
@@ -206,8 +214,6 @@ class Demo:
         self.size = size
         self.forever = forever
         self.agents = [AgentProcess.create(f"agent{i + 1}", workdir) for i in range(size)]
-        #: Each agent's inbound proxy port: agents side by side cannot share 20000.
-        self.proxy_ports = {agent.name: free_port() for agent in self.agents}
         self.first, self.leaver, self.observer = self.agents[0], self.agents[1], self.agents[2]
         #: Every process ever started, restarts included: all are reaped on exit.
         self.children: list[asyncio.subprocess.Process] = []
@@ -319,7 +325,6 @@ class Demo:
     async def start(self, agent: AgentProcess, join: Sequence[str] = ()) -> None:
         servers = self.agents[:SERVERS]
         extra = ["--server", "--bootstrap-expect", str(SERVERS)] if agent in servers else []
-        extra += ["--proxy-port", str(self.proxy_ports[agent.name])]
         await start_agent(agent, join, extra)
         assert agent.process is not None
         self.children.append(agent.process)
@@ -468,14 +473,18 @@ class Demo:
         self.step(4, "identity and policy: a certificate for web, an intention web → db")
         await self.connect_step()
         await self.pause()
+
+        self.step(5, "the proxy: client → web through two proxy workers over mutual TLS")
+        await self.proxy_step()
+        await self.pause()
         # Step 6 restarts agent1 from what it saved, which it does every few seconds.
         await self.wait_saved_members(first)
 
-        self.step(5, f"kill -9 {first.name} (pid {first.pid}): no goodbye")
+        self.step(6, f"kill -9 {first.name} (pid {first.pid}): no goodbye")
         await self.kill_first()
         await self.pause()
 
-        self.step(6, f"restart {first.name} with no --join address")
+        self.step(7, f"restart {first.name} with no --join address")
         self.say(
             f"it rejoins from {first.data_dir.name}/members.json: "
             + ", ".join(self.saved_members(first))
@@ -496,7 +505,7 @@ class Demo:
         await self.rejoin_first(restarted)
         await self.pause()
 
-        self.step(7, f"SIGTERM {leaver.name} (graceful leave)")
+        self.step(8, f"SIGTERM {leaver.name} (graceful leave)")
         left = time.monotonic()
         leaver.terminate()
         await self.until(
@@ -515,7 +524,7 @@ class Demo:
         await self.show_members(observer)
         await self.pause(PAUSE / 2)
 
-        self.step(8, "summary")
+        self.step(9, "summary")
         self.summary()
 
     async def connect_step(self) -> None:
@@ -570,6 +579,72 @@ class Demo:
             since=written,
             label=f"intention at {leaver.name} → in force at {observer.name}",
         )
+
+    async def proxy_step(self) -> None:
+        first, leaver, observer = self.first, self.leaver, self.observer
+        port = free_port()
+        await self.put(
+            observer,
+            "/v1/agent/service/register",
+            {
+                "Name": CLIENT,
+                "Port": free_port(),
+                "Connect": {
+                    "SidecarService": {
+                        "Proxy": {
+                            "Upstreams": [{"DestinationName": SERVICE, "LocalBindPort": port}]
+                        }
+                    }
+                },
+            },
+        )
+        self.say(
+            f"{CLIENT} registered at {observer.name} with upstream {SERVICE} on 127.0.0.1:{port}"
+        )
+        # http: the proxies speak HTTP/1.1 to each other and check intentions per request
+        # (tcp, the default, checks them per connection and answers nothing itself).
+        defaults = {"Kind": "service-defaults", "Name": SERVICE, "Protocol": "http"}
+        await self.put(leaver, "/v1/config", defaults)
+        self.say(f"PUT {leaver.name} /v1/config service-defaults {SERVICE}: Protocol http")
+        await self.put(leaver, PROXY_INTENTION_PATH, {"Action": "allow"})
+        self.say(f"PUT {leaver.name} {PROXY_INTENTION_PATH} allow")
+        url = f"http://127.0.0.1:{port}/"
+        written = time.monotonic()
+        await self.until(
+            f"GET {url} at {observer.name} reaches {SERVICE} on {first.name}",
+            lambda: self.fetch(url),
+            lambda found: found[0] == 200,
+            within=20,
+            since=written,
+            label=f"register + intention → {CLIENT} reaches {SERVICE}",
+            describe=lambda found: f"{found[0]} {found[1]}".strip(),
+        )
+        status, body = await self.fetch(url)
+        self.show(f"{INDENT}{status} {body}")
+        await self.put(leaver, PROXY_INTENTION_PATH, {"Action": "deny"})
+        written = time.monotonic()
+        self.say(f"PUT {leaver.name} {PROXY_INTENTION_PATH} deny")
+        await self.until(
+            f"{CLIENT} → {SERVICE} is refused with 403",
+            lambda: self.fetch(url),
+            lambda found: found[0] == 403,
+            within=15,
+            since=written,
+            label=f"deny at {leaver.name} → 403 at {observer.name}'s proxy",
+            describe=lambda found: f"{found[0]} {found[1]}".strip(),
+        )
+        status, body = await self.fetch(url)
+        self.show(f"{INDENT}{status} {body}")
+
+    async def fetch(self, url: str) -> tuple[int, str]:
+        """Status and what says why: the body, or the proxy's ``x-meshnode-error``."""
+        try:
+            async with self.session.get(url) as response:
+                text = (await response.text()).strip()
+                error = response.headers.get("x-meshnode-error")
+                return response.status, f"x-meshnode-error: {error}" if error else text
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, type(exc).__name__
 
     async def kill_first(self) -> None:
         first, observer = self.first, self.observer

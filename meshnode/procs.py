@@ -238,14 +238,20 @@ class AgentProcess:
     log_path: Path
     gossip_port: int
     http_port: int
+    proxy_port: int = 0
+    """Its proxy's inbound port (``--proxy-port``): agents side by side on one host
+    cannot all have the default 20000. 0: the agent's default."""
     process: asyncio.subprocess.Process | None = None
     args: list[str] = field(default_factory=list)
 
     @classmethod
     def create(cls, name: str, workdir: Path) -> AgentProcess:
-        """An agent named ``name`` with fresh free ports and ``workdir/<name>/`` as its
-        data directory (logs in ``workdir/<name>.log``); not started."""
-        return cls(name, workdir / name, workdir / f"{name}.log", free_port(), free_port())
+        """An agent named ``name`` with fresh free ports (gossip, HTTP, proxy) and
+        ``workdir/<name>/`` as its data directory (logs in ``workdir/<name>.log``); not
+        started."""
+        return cls(
+            name, workdir / name, workdir / f"{name}.log", free_port(), free_port(), free_port()
+        )
 
     @property
     def running(self) -> bool:
@@ -304,6 +310,8 @@ def agent_command(
         "--log-format",
         "json",
     ]
+    if agent.proxy_port:
+        args += ["--proxy-port", str(agent.proxy_port)]
     for seed in join:
         args += ["--join", seed]
     return args + list(extra_args)

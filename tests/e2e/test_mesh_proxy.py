@@ -60,7 +60,7 @@ class Mesh:
         self.session = session
         self.a1 = AgentProcess.create("a1", workdir)
         self.a2 = AgentProcess.create("a2", workdir)
-        self.proxy_ports = {"a1": free_port(), "a2": free_port()}
+        self.proxy_ports = {"a1": self.a1.proxy_port, "a2": self.a2.proxy_port}
         self.upstream_port = free_port()
         self.access_log = workdir / "a2-access.log"
         self.runners: list[web.AppRunner] = []
@@ -151,13 +151,7 @@ async def mesh() -> AsyncIterator[Mesh]:
         a1, a2 = cluster.a1, cluster.a2
         await start_agent(
             a1,
-            extra_args=[
-                "--server",
-                "--bootstrap-expect",
-                "1",
-                "--proxy-port",
-                str(cluster.proxy_ports["a1"]),
-            ],
+            extra_args=["--server", "--bootstrap-expect", "1"],
         )
         # a2's worker writes its access log to a file (the telemetry test reads it).
         a2_config = workdir / "a2.toml"
@@ -165,7 +159,7 @@ async def mesh() -> AsyncIterator[Mesh]:
         await start_agent(
             a2,
             join=[a1.gossip_addr],
-            extra_args=["--proxy-port", str(cluster.proxy_ports["a2"]), "--config", str(a2_config)],
+            extra_args=["--config", str(a2_config)],
         )
         await wait_agent_ready(a1, session)
         await wait_agent_ready(a2, session)
