@@ -136,6 +136,44 @@ class _ConnectFailure(Exception):
     pass
 
 
+#: How often request timeouts are checked: their precision.
+DEADLINE_TICK: Final = 0.05
+
+
+class _Deadlines:
+    """The request timeouts of one listener, checked by one ticking timer: a timer
+    handle per request (made and cancelled) costs more than routing the request."""
+
+    __slots__ = ("_handle", "_loop", "entries")
+
+    def __init__(self) -> None:
+        self.entries: dict[_Exchange, float] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, exchange: _Exchange, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.entries[exchange] = deadline
+        if self._handle is None:
+            self._loop = loop
+            self._handle = loop.call_later(DEADLINE_TICK, self._tick)
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        entries = self.entries
+        for exchange in [e for e, deadline in entries.items() if deadline <= now]:
+            if entries.pop(exchange, None) is not None:
+                exchange.deadline_passed()
+        self._handle = loop.call_later(DEADLINE_TICK, self._tick) if entries else None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.entries.clear()
+
+
 # ------------------------------------------------------------------------------- pool
 
 
@@ -551,12 +589,13 @@ class _Exchange:
 
     __slots__ = (
         "_connecting",
+        "_deadlines",
         "_down",
         "_drained",
         "_finished",
+        "_limit",
         "_request_done",
         "_response_done",
-        "_timer",
         "_up",
         "_up_bytes",
         "attempts",
@@ -584,7 +623,8 @@ class _Exchange:
         self.server: _Server | None = None
         self.response: ResponseHead | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines: _Deadlines | None = None
+        self._limit = 0.0
         self._up: list[bytes] = []
         self._up_bytes = 0
         self._down: list[bytes] = []
@@ -859,14 +899,22 @@ class _Exchange:
         if task is not None:
             task.cancel()
 
+    def _set_deadline(self, limit: float, deadlines: _Deadlines) -> None:
+        self._limit = limit
+        self._deadlines = deadlines
+        deadlines.add(self, self.started + limit, self.client.loop)
+
     def _cancel_timers(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        deadlines = self._deadlines
+        if deadlines is not None:
+            self._deadlines = None
+            deadlines.entries.pop(self, None)
+
+    def deadline_passed(self) -> None:
+        self._deadlines = None
+        self._timed_out(self._limit)
 
     def _timed_out(self, limit: float) -> None:
-        self._timer = None
         if self._finished or self.response is not None:
             return
         if self._connecting is not None:
@@ -976,9 +1024,7 @@ class _InboundExchange(_Exchange):
             self.replay.insert(0, self._up[0])
             self.replay_bytes += len(self._up[0])
         if service.request_timeout > 0:
-            self._timer = self.client.loop.call_later(
-                service.request_timeout, self._timed_out, service.request_timeout
-            )
+            self._set_deadline(service.request_timeout, inbound._deadlines)
         self._attempt()
 
     def _attempt(self) -> None:
@@ -1057,6 +1103,7 @@ class HttpInbound:
         self._rng = rng or random.Random()
         self._reads = _ReadBuffer()
         self._pool = _Pool()
+        self._deadlines = _Deadlines()
         self._clients: set[_Client] = set()
 
     def update(self, runtime: InboundRuntime) -> None:
@@ -1091,6 +1138,7 @@ class HttpInbound:
         for client in list(self._clients):
             client.transport.abort()
         self._pool.close()
+        self._deadlines.close()
         await asyncio.sleep(0)
 
 
@@ -1135,7 +1183,7 @@ class _OutboundExchange(_Exchange):
         runtime = self._runtime = listener._runtime
         upstream = runtime.upstream
         head = self.head
-        request = head.request()
+        request = head.request() if listener._needs_request else None
         route = self._route = runtime.route(request)
         cluster = runtime.resolve(runtime.split(route))
         if cluster is None:
@@ -1165,9 +1213,7 @@ class _OutboundExchange(_Exchange):
             self.replay.insert(0, first)
             self.replay_bytes += len(first)
         if route.request_timeout > 0:
-            self._timer = self.client.loop.call_later(
-                route.request_timeout, self._timed_out, route.request_timeout
-            )
+            self._set_deadline(route.request_timeout, listener._deadlines)
         self._attempt()
 
     # ----------------------------------------------------------- attempts
@@ -1465,6 +1511,14 @@ class _OutboundExchange(_Exchange):
             listener._access_log.log(record)
 
 
+def _needs_request(runtime: UpstreamRuntime) -> bool:
+    """Whether routing looks at the request: not for one catch-all route and no
+    ring hash (then ``route(None)`` is that route, and no ``HttpRequest`` is built)."""
+    routes = runtime.upstream.routes
+    ring = any(c.cluster.load_balancing.policy == "ring_hash" for c in runtime.clusters.values())
+    return ring or len(routes) != 1 or not routes[0].match.empty
+
+
 class HttpOutboundListener(_Frontend):
     """A loopback listener for one (source service, upstream) in http mode."""
 
@@ -1484,8 +1538,10 @@ class HttpOutboundListener(_Frontend):
         self._rng = rng or random.Random()
         self._reads = _ReadBuffer()
         self._pool = _Pool()
+        self._deadlines = _Deadlines()
         self._clients: set[_Client] = set()
         self._server: asyncio.Server | None = None
+        self._needs_request = _needs_request(runtime)
 
     @property
     def address(self) -> Address:
@@ -1516,6 +1572,7 @@ class HttpOutboundListener(_Frontend):
         """New routes, clusters or certificates, for new requests. New certificates:
         pooled connections made with the old ones are not reused."""
         self._runtime = runtime
+        self._needs_request = _needs_request(runtime)
         if contexts is not self._contexts:
             self._contexts = contexts
             self._pool.generation += 1
@@ -1538,6 +1595,7 @@ class HttpOutboundListener(_Frontend):
         for client in list(self._clients):
             client.transport.abort()
         self._pool.close()
+        self._deadlines.close()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
