@@ -317,11 +317,13 @@ class Mesh:
         return self.driver.http("GET", f"http://127.0.0.1:{upstream_port}{path}", timeout=15)
 
     def diagnostics(self) -> str:
-        exited = {n: h.process.returncode for n, h in self.hosts.items() if h.process.poll()}
+        exited = {
+            n: h.process.returncode for n, h in self.hosts.items() if h.process.poll() is not None
+        }
         tails = "".join(
             f"\n--- {n}\n{h.log.read_text(errors='replace')[-2500:]}" for n, h in self.hosts.items()
         )
-        return f"exited agents: {exited}{tails}"
+        return f"\nexited agents: {exited}{tails}"
 
     def until(self, check: Callable[[], bool], within: float, what: str) -> float:
         """Poll ``check`` until it holds; the seconds it took."""
