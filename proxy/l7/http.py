@@ -53,7 +53,7 @@ import re
 from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Final, cast
+from typing import Final
 from urllib.parse import parse_qsl
 
 import httptools
@@ -112,6 +112,10 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK: Final = _LAST_CHUNK
 
 
+_UNFILLED: Final[list[bytes]] = []
+"""Never appended to (see ``Head.__init__``)."""
+
+
 class Head:
     """What both heads share. Either ``raw`` is the head as received (verbatim: it
     has no header the proxy must drop), or ``fields`` is the forwarded headers
@@ -130,9 +134,9 @@ class Head:
     )
 
     def __init__(self) -> None:
-        self.fields: list[bytes] = []
-        self.names: list[bytes] = []
-        self.values: list[bytes] = []
+        # Verbatim heads never fill these: they share one empty list until
+        # _unpack() or the per-header path gives them their own.
+        self.fields = self.names = self.values = _UNFILLED
         self.raw: bytes | None = None
         self.line_end = 0
         self.version = b"1.1"
@@ -152,19 +156,28 @@ class Head:
         """Fill ``names``/``values`` from a verbatim head (when asked: most requests
         are routed and authorized without looking at a header)."""
         raw = self.raw
-        if raw is None or self.names:
+        if raw is None or self.names is not _UNFILLED:
             return
+        names: list[bytes] = []
+        values: list[bytes] = []
         for line in raw[self.line_end + 2 : -4].split(b"\r\n"):
             name, _, value = line.partition(b":")
-            self.names.append(name.strip().lower())
-            self.values.append(value.strip(b" \t"))
+            names.append(name.strip().lower())
+            values.append(value.strip(b" \t"))
+        self.names, self.values = names, values
 
 
 class RequestHead(Head):
     __slots__ = ("_request", "method", "target")
 
     def __init__(self) -> None:
-        super().__init__()
+        # Head.__init__'s fields set here too: one call less per request.
+        self.fields = self.names = self.values = _UNFILLED
+        self.raw: bytes | None = None
+        self.line_end = 0
+        self.version = b"1.1"
+        self.keep_alive = True
+        self.framing = NO_BODY
         self.method = "GET"
         self.target = b"/"
         self._request: HttpRequest | None = None
@@ -225,17 +238,19 @@ class _Headers(Mapping[str, str]):
 
 
 class ResponseHead(Head):
-    __slots__ = ("reason", "status")
+    __slots__ = ("informational", "reason", "status")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.fields = self.names = self.values = _UNFILLED
+        self.raw: bytes | None = None
+        self.line_end = 0
+        self.version = b"1.1"
+        self.keep_alive = True
+        self.framing = NO_BODY
         self.status = 200
         self.reason = b""
-
-    @property
-    def informational(self) -> bool:
+        self.informational = False
         """1xx (but not 101): forwarded, and the final response follows."""
-        return 100 <= self.status < 200 and self.status != 101
 
 
 # ------------------------------------------------------------------------- readers
@@ -293,6 +308,7 @@ class _Reader:
         self._in_head = True
         self._head_bytes = 0
         self._connection_tokens: list[bytes] | None = None
+        head.fields, head.names, head.values = [], [], []
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -356,12 +372,12 @@ class RequestReader(_Reader):
     """Parses requests from a downstream connection. Subclasses provide
     ``head_received(head)``, ``on_body(data)`` and ``message_complete()``."""
 
-    __slots__ = ("_target_parts",)
+    __slots__ = ("_target",)
 
     def __init__(self) -> None:
         super().__init__()
         self._parser = httptools.HttpRequestParser(self)
-        self._target_parts: list[bytes] = []
+        self._target = b""
 
     def feed(self, data: bytes | memoryview) -> None:
         """Parse ``data``; raises ``RemoteProtocolError`` (the connection is then
@@ -375,20 +391,19 @@ class RequestReader(_Reader):
 
     def on_message_begin(self) -> None:
         self._begin(RequestHead())
-        self._target_parts = []
+        self._target = b""
 
     def on_url(self, url: bytes) -> None:
-        self._target_parts.append(url)
+        self._target += url  # almost always one piece: b"" + url is url
 
     def on_headers_complete(self) -> None:
-        parser = cast(httptools.HttpRequestParser, self._parser)
+        parser: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]
         if parser.should_upgrade():
             raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied")
         self._end_head()
         head = self._head
         assert isinstance(head, RequestHead)
-        parts = self._target_parts
-        head.target = parts[0] if len(parts) == 1 else b"".join(parts)
+        head.target = self._target
         method = parser.get_method()
         head.method = _METHODS.get(method) or method.decode("ascii")
         raw = head.raw
@@ -440,11 +455,12 @@ class ResponseReader(_Reader):
             head.reason += reason
 
     def on_headers_complete(self) -> None:
-        parser = cast(httptools.HttpResponseParser, self._parser)
+        parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         self._end_head()
         head = self._head
         assert isinstance(head, ResponseHead)
         status = head.status = parser.get_status_code()
+        head.informational = status < 200 and status != 101
         raw = head.raw
         if raw is not None and raw[5:8] == b"1.0":
             head.version = b"1.0"

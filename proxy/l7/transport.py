@@ -596,6 +596,7 @@ class _Exchange:
         "_limit",
         "_request_done",
         "_response_done",
+        "_retry_handle",
         "_up",
         "_up_bytes",
         "attempts",
@@ -624,6 +625,7 @@ class _Exchange:
         self.response: ResponseHead | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._deadlines: _Deadlines | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
         self._limit = 0.0
         self._up: list[bytes] = []
         self._up_bytes = 0
@@ -720,7 +722,9 @@ class _Exchange:
         server.exchange = self
         server.no_body = self.head.method == "HEAD"
         self._up_bytes = 0
-        self.client.resume(_PAUSE_PENDING)
+        client = self.client
+        if client._paused:
+            client.resume(_PAUSE_PENDING)
         self.flush()
 
     def _restage(self) -> bool:
@@ -764,7 +768,8 @@ class _Exchange:
             return
         if not self._accept_response(head):
             return
-        self._cancel_timers()
+        if self._deadlines is not None or self._retry_handle is not None:
+            self._cancel_timers()
         self.status = head.status
         self.response = head
         client = self.client
@@ -800,7 +805,9 @@ class _Exchange:
             server.pool.put(server)
         else:
             server.close()
-        self.client.resume(_PAUSE_PEER)
+        client = self.client
+        if client._paused:
+            client.resume(_PAUSE_PEER)
         self._response_done = True
         self._maybe_finish()
 
@@ -872,7 +879,8 @@ class _Exchange:
         if not self._request_done and not self.client.closed:
             return  # still draining the request body (see request_body)
         self._finished = True
-        self._cancel_timers()
+        if self._deadlines is not None or self._retry_handle is not None:
+            self._cancel_timers()
         self._released()
         self._report()
         self.client.exchange_finished(self, not self.close_after)
@@ -909,6 +917,10 @@ class _Exchange:
         if deadlines is not None:
             self._deadlines = None
             deadlines.entries.pop(self, None)
+        handle = self._retry_handle
+        if handle is not None:
+            self._retry_handle = None
+            handle.cancel()
 
     def deadline_passed(self) -> None:
         self._deadlines = None
@@ -1155,7 +1167,6 @@ class _OutboundExchange(_Exchange):
         "_listener",
         "_pending",
         "_retries",
-        "_retry_handle",
         "_route",
         "_runtime",
         "_tried",
@@ -1169,13 +1180,12 @@ class _OutboundExchange(_Exchange):
         self._cluster: ClusterRuntime | None = None
         self._route: Route | None = None
         self._endpoint: Endpoint | None = None
-        self._tried: list[Endpoint] = []
+        self._tried: list[Endpoint] | None = None
         self._retries = 0
         self._in_retry = False
         self._pending = False
         self._fresh = False
         self._try_timer: asyncio.TimerHandle | None = None
-        self._retry_handle: asyncio.TimerHandle | None = None
         self._hash_key: int | None = None
 
     def start(self) -> None:
@@ -1226,15 +1236,19 @@ class _OutboundExchange(_Exchange):
         assert cluster is not None
         loop = self.client.loop
         now = loop.time()
-        endpoint = cluster.pick(now, self._tried, self._hash_key)
-        if endpoint is None and self._tried:
+        tried = self._tried
+        endpoint = cluster.pick(now, tried or (), self._hash_key)
+        if endpoint is None and tried:
             endpoint = cluster.pick(now, (), self._hash_key)
         if endpoint is None:
             upstream = self._runtime.upstream
             self._listener._telemetry.no_endpoint(upstream.source, upstream.destination)
             self.respond_error(503, f"no-healthy-endpoint: {cluster.cluster.name}")
             return
-        self._tried.append(endpoint)
+        if tried is None:
+            self._tried = [endpoint]
+        else:
+            tried.append(endpoint)
         self._endpoint = endpoint
         cluster.request_started(endpoint)
         if self._retries:
@@ -1467,13 +1481,6 @@ class _OutboundExchange(_Exchange):
     def _on_timeout(self) -> None:
         upstream = self._runtime.upstream
         self._listener._telemetry.timeout(upstream.source, upstream.destination)
-
-    def _cancel_timers(self) -> None:
-        super()._cancel_timers()
-        handle = self._retry_handle
-        if handle is not None:
-            self._retry_handle = None
-            handle.cancel()
 
     def _released(self) -> None:
         cluster = self._cluster
