@@ -55,9 +55,11 @@ Errors the proxy generates carry ``x-meshnode-error`` (``http.error_response``).
 failure after a response has started can only be reported by closing the client.
 
 Timeouts: the route's (outbound) or the service's (inbound) request timeout runs from
-the request's start until the response's head arrives; ``per_try_timeout`` likewise
-per attempt. A streaming response body is then limited by neither (nor by an idle
-timeout: a long download stays open).
+the request's start until the response's head arrives, checked every
+:data:`DEADLINE_TICK` by one timer per listener (:class:`_Deadlines`); a retry's
+``per_try_timeout`` likewise per attempt, with its own timer (only when set). A
+streaming response body is then limited by neither (nor by an idle timeout: a long
+download stays open).
 """
 
 from __future__ import annotations
@@ -550,9 +552,6 @@ class _Client(RequestReader):
         self._queue.clear()
         if active is not None:
             active.client_lost()
-        parsing = self._parsing
-        if parsing is not None and parsing is not active:
-            parsing.client_lost()
         self._frontend.client_closed(self)
 
 
@@ -1160,6 +1159,7 @@ class HttpInbound:
 class _OutboundExchange(_Exchange):
     __slots__ = (
         "_cluster",
+        "_counts_active",
         "_endpoint",
         "_fresh",
         "_hash_key",
@@ -1183,6 +1183,7 @@ class _OutboundExchange(_Exchange):
         self._tried: list[Endpoint] | None = None
         self._retries = 0
         self._in_retry = False
+        self._counts_active = False
         self._pending = False
         self._fresh = False
         self._try_timer: asyncio.TimerHandle | None = None
@@ -1250,7 +1251,11 @@ class _OutboundExchange(_Exchange):
         else:
             tried.append(endpoint)
         self._endpoint = endpoint
-        cluster.request_started(endpoint)
+        if cluster.cluster.load_balancing.policy == "least_request":
+            # Only least_request reads the in-flight counts; an Endpoint's hash is
+            # computed from all its fields, twice per request otherwise.
+            cluster.request_started(endpoint)
+            self._counts_active = True
         if self._retries:
             self._in_retry = True
             cluster.breaker.retry_started()
@@ -1358,7 +1363,9 @@ class _OutboundExchange(_Exchange):
         if timer is not None:
             self._try_timer = None
             timer.cancel()
-        cluster.request_finished(endpoint)
+        if self._counts_active:
+            self._counts_active = False
+            cluster.request_finished(endpoint)
         if self._in_retry:
             self._in_retry = False
             cluster.breaker.retry_finished()
@@ -1391,7 +1398,8 @@ class _OutboundExchange(_Exchange):
         return True
 
     def _end_attempt_counts(self, cluster: ClusterRuntime, endpoint: Endpoint | None) -> None:
-        if endpoint is not None:
+        if endpoint is not None and self._counts_active:
+            self._counts_active = False
             cluster.request_finished(endpoint)
         if self._in_retry:
             self._in_retry = False

@@ -568,3 +568,25 @@ def test_the_data_path_under_uvloop(pki: Pki) -> None:
         await test_the_circuit_breaker_sheds_the_second_concurrent_request(pki)
 
     uvloop.run(scenario())
+
+
+async def test_least_request_sees_requests_in_flight(pki: Pki) -> None:
+    from proxy.snapshot import LoadBalancing
+
+    knobs = Knobs(backends=2, cluster={"load_balancing": LoadBalancing("least_request")})
+    async with mesh(pki, knobs) as m, client(4) as s:
+        cluster = m.outbound._runtime.clusters["api"]
+
+        async def slow() -> int:
+            async with s.get(m.url("/slow?s=0.5")) as response:
+                await response.read()
+                return response.status
+
+        task = asyncio.gather(slow(), slow())
+        for _ in range(100):
+            if sum(cluster.active.values()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(cluster.active.values()) == [1, 1]  # one each: two choices, fewest
+        assert await task == [200, 200]
+        assert sum(cluster.active.values()) == 0
