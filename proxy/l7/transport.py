@@ -94,7 +94,7 @@ from proxy.resilience import CONNECT_FAILED, RESET, TIMEOUT, backoff
 
 if TYPE_CHECKING:
     from proxy.resilience import CircuitBreaker
-    from proxy.runtime import ClusterRuntime, InboundRuntime, UpstreamRuntime
+    from proxy.runtime import ClusterRuntime, InboundRuntime, UpstreamRuntime, Verdict
     from proxy.snapshot import Endpoint, InboundTarget, LocalService, Route
     from proxy.telemetry import AccessLogger, Direction, Telemetry
 
@@ -975,7 +975,17 @@ class _Exchange:
 class _InboundConnection(_Frontend):
     """One mTLS connection taken over from the L4 inbound listener."""
 
-    __slots__ = ("inbound", "on_close", "peer_id", "service", "source", "source_header", "target")
+    __slots__ = (
+        "inbound",
+        "on_close",
+        "peer_id",
+        "service",
+        "source",
+        "source_header",
+        "target",
+        "verdict",
+        "verdict_runtime",
+    )
 
     def __init__(
         self,
@@ -992,6 +1002,21 @@ class _InboundConnection(_Frontend):
         self.source = inbound._runtime.source(peer_id)
         self.source_header = b"%b: %b\r\n" % (SOURCE_HEADER, self.source.encode("latin-1"))
         self.on_close = on_close
+        self.verdict: Verdict | None = None
+        self.verdict_runtime: InboundRuntime | None = None
+        """The runtime ``verdict`` was decided with: a verdict that does not depend on
+        the request (no L7 intention decides for this source) holds for every request
+        of the connection until the next snapshot."""
+
+    def authorize(self, runtime: InboundRuntime, service: str, head: RequestHead) -> Verdict:
+        if self.verdict_runtime is runtime and self.verdict is not None:
+            return self.verdict
+        rule = runtime.rule(self.source, service)
+        if rule is not None and rule.permissions:
+            return runtime.authorize_request(self.peer_id, service, head.request())
+        verdict = self.verdict = runtime.authorize_request(self.peer_id, service, head.request())
+        self.verdict_runtime = runtime
+        return verdict
 
     def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
         return _InboundExchange(client, head, self)
@@ -1017,7 +1042,7 @@ class _InboundExchange(_Exchange):
         service = self._service = runtime.service(connection.service.name) or connection.service
         name = service.name
         head = self.head
-        verdict = runtime.authorize_request(connection.peer_id, name, head.request())
+        verdict = connection.authorize(runtime, name, head)
         if not verdict.allowed:
             inbound._telemetry.denied(connection.source, name, "l7")
             self.respond_error(403, f"intention: denied by {verdict.rule}")
