@@ -31,8 +31,8 @@ written out again with :func:`request_bytes` / :func:`response_bytes`:
 
 The readers are httptools "protocol" objects: llhttp calls their ``on_*`` methods. A
 subclass (the connection in ``transport.py``) provides ``head_received(head)``,
-``message_complete()`` and ``on_body(data)``, which llhttp calls directly, so a body
-piece costs one Python call.
+``message_complete()`` and ``on_body(data)`` — the last called by llhttp directly, so
+a body piece costs one Python call.
 
 Verbatim heads: most heads have nothing to drop. When a read starts a message and
 holds its whole head, and a scan of the lowercased head finds no header the proxy

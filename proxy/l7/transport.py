@@ -506,7 +506,7 @@ class _Client(RequestReader):
                 following.flush()
         finally:
             self._starting = False
-        if not self._queue:
+        if self._paused and not self._queue:
             self.resume(_PAUSE_QUEUE)
 
     def pause(self, reason: int) -> None:
