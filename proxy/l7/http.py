@@ -401,8 +401,7 @@ class RequestReader(_Reader):
         if parser.should_upgrade():
             raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied")
         self._end_head()
-        head = self._head
-        assert isinstance(head, RequestHead)
+        head: RequestHead = self._head  # type: ignore[assignment]
         head.target = self._target
         method = parser.get_method()
         head.method = _METHODS.get(method) or method.decode("ascii")
@@ -449,16 +448,14 @@ class ResponseReader(_Reader):
         self._begin(ResponseHead())
 
     def on_status(self, reason: bytes) -> None:
-        head = self._head
+        head: ResponseHead = self._head  # type: ignore[assignment]
         if head.raw is None:
-            assert isinstance(head, ResponseHead)
             head.reason += reason
 
     def on_headers_complete(self) -> None:
         parser: httptools.HttpResponseParser = self._parser  # type: ignore[assignment]
         self._end_head()
-        head = self._head
-        assert isinstance(head, ResponseHead)
+        head: ResponseHead = self._head  # type: ignore[assignment]
         status = head.status = parser.get_status_code()
         head.informational = status < 200 and status != 101
         raw = head.raw

@@ -445,7 +445,7 @@ class _Client(RequestReader):
         except RemoteProtocolError as exc:
             self._bad_request(exc)
         active = self._active
-        if active is not None:
+        if active is not None and (active._up or active._down):
             active.flush()
 
     def _bad_request(self, exc: RemoteProtocolError) -> None:
