@@ -590,3 +590,11 @@ async def test_least_request_sees_requests_in_flight(pki: Pki) -> None:
         assert sorted(cluster.active.values()) == [1, 1]  # one each: two choices, fewest
         assert await task == [200, 200]
         assert sum(cluster.active.values()) == 0
+
+
+async def test_expect_100_continue_crosses_the_mesh(pki: Pki) -> None:
+    async with mesh(pki) as m, client() as session:
+        post = session.post(m.url("/e"), data=b"after continue", expect100=True)
+        async with post as response:
+            assert response.status == 200
+            assert await response.read() == b"after continue"
