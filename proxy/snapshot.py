@@ -38,7 +38,7 @@ import hashlib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, Union
 
 import msgpack
@@ -202,6 +202,17 @@ class Endpoint:
     node: str = ""
     """For logs and metrics: the node the instance runs on."""
     instance: str = ""
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Endpoints key the runtime's per-endpoint state (in-flight counts, outlier
+        # history), looked up on every request: hash the seven fields once, not per
+        # lookup (~1 µs each).
+        key = (self.host, self.port, self.sni, self.weight, self.node, self.instance)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)

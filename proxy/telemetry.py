@@ -53,8 +53,13 @@ LATENCY_BUCKETS: Final = (
 PREFIX: Final = "meshnode_proxy_"
 
 
+_CLASSES: Final = ("tcp", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 def code_class(status: int) -> str:
     """``2xx``... for an HTTP status; ``tcp`` for 0 (an L4 connection)."""
+    if 100 <= status < 600:
+        return _CLASSES[status // 100]
     if status <= 0:
         return "tcp"
     return f"{status // 100}xx"
