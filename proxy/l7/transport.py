@@ -58,8 +58,15 @@ Timeouts: the route's (outbound) or the service's (inbound) request timeout runs
 the request's start until the response's head arrives, checked every
 :data:`DEADLINE_TICK` by one timer per listener (:class:`_Deadlines`); a retry's
 ``per_try_timeout`` likewise per attempt, with its own timer (only when set). A
-streaming response body is then limited by neither (nor by an idle timeout: a long
-download stays open).
+streaming response body is then limited by neither. A route's ``idle_timeout`` limits
+the time between reads from upstream while the response is in flight (504 before
+anything went downstream, else the client is closed), checked by the same timer.
+
+Idle downstream connections (no request in flight, nothing read) are closed after the
+upstream's (outbound) or the service's (inbound) ``idle_timeout`` by one sweep timer
+per listener (:class:`_IdleClients`). Neither clock costs a clock call per read: a
+read sets a flag, and the timer turns flags into times. A snapshot whose clusters lose
+an endpoint closes the idle pooled connections to it (``_Pool.retire``).
 """
 
 from __future__ import annotations
@@ -144,17 +151,29 @@ DEADLINE_TICK: Final = 0.05
 
 class _Deadlines:
     """The request timeouts of one listener, checked by one ticking timer: a timer
-    handle per request (made and cancelled) costs more than routing the request."""
+    handle per request (made and cancelled) costs more than routing the request.
 
-    __slots__ = ("_handle", "_loop", "entries")
+    Also the route idle timeouts of the exchanges in ``idle``: a read from the
+    upstream only sets ``_Exchange.touched``; a tick turns that into a time
+    (``quiet_since``), so the idle clock needs no clock call per read and has the
+    tick's precision."""
+
+    __slots__ = ("_handle", "_loop", "entries", "idle")
 
     def __init__(self) -> None:
         self.entries: dict[_Exchange, float] = {}
+        self.idle: set[_Exchange] = set()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, exchange: _Exchange, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
         self.entries[exchange] = deadline
+        if self._handle is None:
+            self._loop = loop
+            self._handle = loop.call_later(DEADLINE_TICK, self._tick)
+
+    def watch_idle(self, exchange: _Exchange, loop: asyncio.AbstractEventLoop) -> None:
+        self.idle.add(exchange)
         if self._handle is None:
             self._loop = loop
             self._handle = loop.call_later(DEADLINE_TICK, self._tick)
@@ -167,13 +186,88 @@ class _Deadlines:
         for exchange in [e for e, deadline in entries.items() if deadline <= now]:
             if entries.pop(exchange, None) is not None:
                 exchange.deadline_passed()
-        self._handle = loop.call_later(DEADLINE_TICK, self._tick) if entries else None
+        idle = self.idle
+        if idle:
+            for exchange in list(idle):
+                if exchange.touched:
+                    exchange.touched = False
+                    exchange.quiet_since = now
+                elif now - exchange.quiet_since >= exchange.idle_limit and exchange in idle:
+                    idle.discard(exchange)
+                    exchange.idle_passed()
+        self._handle = loop.call_later(DEADLINE_TICK, self._tick) if entries or idle else None
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
         self.entries.clear()
+        self.idle.clear()
+
+
+#: Idle downstream connections are looked for at least this often (and at most every
+#: :data:`DEADLINE_TICK`): a quarter of the shortest idle timeout otherwise.
+IDLE_SWEEP_MAX: Final = 30.0
+
+
+class _IdleClients:
+    """Closes a listener's downstream connections that have had no request in flight
+    and nothing read for their idle timeout, with one sweep timer per listener.
+
+    A read only sets ``_Client.touched``; a sweep turns that (or a request in flight)
+    into a time, ``quiet_since``. So a connection closes between its timeout and
+    the timeout plus one sweep interval, and a read costs one attribute store."""
+
+    __slots__ = ("_handle", "_loop", "_timeout_of", "clients")
+
+    def __init__(self, clients: set[_Client], timeout_of: Callable[[_Client], float]) -> None:
+        self.clients = clients
+        self._timeout_of = timeout_of
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def added(self, client: _Client) -> None:
+        """``client`` (now in ``clients``) was accepted."""
+        client.quiet_since = client.loop.time()
+        if self._handle is None:
+            self._loop = client.loop
+            self.reschedule()
+
+    def reschedule(self) -> None:
+        """Sweep at a quarter of the shortest idle timeout (again: it may have
+        changed with a snapshot); not at all while none is set."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        loop = self._loop
+        if loop is None or not self.clients:
+            return
+        timeout_of = self._timeout_of
+        shortest = min((t for t in map(timeout_of, self.clients) if t > 0), default=0.0)
+        if shortest > 0:
+            interval = min(max(shortest / 4, DEADLINE_TICK), IDLE_SWEEP_MAX)
+            self._handle = loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        self._handle = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        timeout_of = self._timeout_of
+        for client in list(self.clients):
+            if client.touched or client._active is not None:
+                client.touched = False
+                client.quiet_since = now
+                continue
+            timeout = timeout_of(client)
+            if 0 < timeout <= now - client.quiet_since:
+                client.close()
+        self.reschedule()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 # ------------------------------------------------------------------------------- pool
@@ -243,6 +337,17 @@ class _Pool:
         if self._idle:
             self._handle = self._loop.call_later(POOL_IDLE_TIMEOUT / 2, self._sweep)
 
+    def retire(self, wanted: set[object]) -> None:
+        """Stop using connections whose key is not in ``wanted`` (endpoints gone
+        from the snapshot): idle ones are closed now, busy ones when their exchange
+        ends (``put`` sees the stale generation)."""
+        for server in list(self.live):
+            if server.key not in wanted:
+                server.generation = -1
+                if server.exchange is None and not server.draining:
+                    self.forget(server)
+                    server.close()
+
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
@@ -311,6 +416,7 @@ class _Server(ResponseReader):
                 exchange.server_failed(self, f"malformed response: {exc.reason}")
             return
         if exchange is not None:
+            exchange.touched = True  # for a route idle timeout (_Deadlines)
             exchange.flush()
 
     def head_received(self, head: ResponseHead) -> None:
@@ -420,12 +526,16 @@ class _Client(RequestReader):
         "_starting",
         "closed",
         "loop",
+        "quiet_since",
+        "touched",
         "transport",
     )
 
     def __init__(self, frontend: _Frontend) -> None:
         super().__init__()
         self._frontend = frontend
+        self.touched = False
+        self.quiet_since = 0.0
         self._active: _Exchange | None = None
         self._parsing: _Exchange | None = None
         self._queue: deque[_Exchange] = deque()
@@ -440,6 +550,7 @@ class _Client(RequestReader):
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def _feed(self, data: bytes | memoryview) -> None:
+        self.touched = True  # for _IdleClients
         try:
             self.feed(data)
         except RemoteProtocolError as exc:
@@ -592,6 +703,7 @@ class _Exchange:
         "_down",
         "_drained",
         "_finished",
+        "_idle_watch",
         "_limit",
         "_request_done",
         "_response_done",
@@ -607,12 +719,15 @@ class _Exchange:
         "close_after",
         "error",
         "head",
+        "idle_limit",
+        "quiet_since",
         "replay",
         "replay_bytes",
         "response",
         "server",
         "started",
         "status",
+        "touched",
         "upstream_name",
     )
 
@@ -624,6 +739,8 @@ class _Exchange:
         self.response: ResponseHead | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._deadlines: _Deadlines | None = None
+        self._idle_watch: _Deadlines | None = None
+        self.touched = False
         self._retry_handle: asyncio.TimerHandle | None = None
         self._limit = 0.0
         self._up: list[bytes] = []
@@ -797,6 +914,8 @@ class _Exchange:
         if self.chunked_out:
             self._down.append(LAST_CHUNK)
         self.flush()
+        if self._idle_watch is not None:
+            self._unwatch_idle()
         self._end_attempt(None)
         self.server = None
         server.exchange = None
@@ -880,6 +999,8 @@ class _Exchange:
         self._finished = True
         if self._deadlines is not None or self._retry_handle is not None:
             self._cancel_timers()
+        if self._idle_watch is not None:
+            self._unwatch_idle()
         self._released()
         self._report()
         self.client.exchange_finished(self, not self.close_after)
@@ -925,7 +1046,44 @@ class _Exchange:
         self._deadlines = None
         self._timed_out(self._limit)
 
-    def _timed_out(self, limit: float) -> None:
+    def _watch_idle(self, limit: float, deadlines: _Deadlines) -> None:
+        """Limit the time between reads from upstream to ``limit`` (a route's idle
+        timeout) until the response has ended."""
+        self.idle_limit = limit
+        self.quiet_since = self.started
+        self._idle_watch = deadlines
+        deadlines.watch_idle(self, self.client.loop)
+
+    def _unwatch_idle(self) -> None:
+        watch = self._idle_watch
+        if watch is not None:
+            self._idle_watch = None
+            watch.idle.discard(self)
+
+    def idle_passed(self) -> None:
+        """Nothing read from upstream for ``idle_limit``: 504 when nothing went
+        downstream yet, else the client is closed (only a close can tell then)."""
+        self._idle_watch = None
+        if self._finished or self._response_done:
+            return
+        limit = self.idle_limit
+        if self.response is None:
+            self._timed_out(limit, "nothing read for {:g}s (idle)")
+            return
+        if self.server is not None:
+            self._end_attempt(None)  # its status was recorded with the head
+            self._detach(False)
+        self._on_timeout()
+        self.error = f"timeout: nothing read for {limit:g}s (idle)"
+        self.close_after = True
+        client = self.client
+        if not client.closed:
+            client.closed = True
+            client.transport.abort()
+        self._response_done = self._request_done = True
+        self._maybe_finish()
+
+    def _timed_out(self, limit: float, detail: str = "no response within {:g}s") -> None:
         if self._finished or self.response is not None:
             return
         if self._connecting is not None:
@@ -934,7 +1092,7 @@ class _Exchange:
             self._detach(False)
         self._end_attempt(TIMEOUT)
         self._on_timeout()
-        self.respond_error(504, f"timeout: no response within {limit:g}s")
+        self.respond_error(504, "timeout: " + detail.format(limit))
 
     def _on_timeout(self) -> None:
         pass
@@ -1141,10 +1299,27 @@ class HttpInbound:
         self._pool = _Pool()
         self._deadlines = _Deadlines()
         self._clients: set[_Client] = set()
+        self._idle = _IdleClients(self._clients, self._idle_timeout)
 
     def update(self, runtime: InboundRuntime) -> None:
-        """A new snapshot: new requests use it."""
+        """A new snapshot: new requests use it. Pooled connections to local
+        addresses no target has any more are closed (busy ones once done)."""
+        previous = self._runtime
         self._runtime = runtime
+        if previous.inbound is not runtime.inbound:
+            wanted: set[object] = {
+                address
+                for target in runtime.inbound.targets.values()
+                for address in target.addresses
+            }
+            self._pool.retire(wanted)
+            self._idle.reschedule()
+
+    def _idle_timeout(self, client: _Client) -> float:
+        connection = cast(_InboundConnection, client._frontend)
+        name = connection.service.name
+        service = self._runtime.service(name) or connection.service
+        return service.idle_timeout
 
     def take_over(
         self,
@@ -1161,6 +1336,7 @@ class HttpInbound:
         connection = _InboundConnection(self, service, target, peer_id, on_close)
         client = _TlsClient(connection, self._reads)
         self._clients.add(client)
+        self._idle.added(client)
         transport.set_protocol(client)
         client.connection_made(transport)
         if not transport.is_reading():
@@ -1175,6 +1351,7 @@ class HttpInbound:
             client.transport.abort()
         self._pool.close()
         self._deadlines.close()
+        self._idle.close()
         await asyncio.sleep(0)
 
 
@@ -1250,6 +1427,8 @@ class _OutboundExchange(_Exchange):
             self.replay_bytes += len(first)
         if route.request_timeout > 0:
             self._set_deadline(route.request_timeout, listener._deadlines)
+        if route.idle_timeout > 0:
+            self._watch_idle(route.idle_timeout, listener._deadlines)
         self._attempt()
 
     # ----------------------------------------------------------- attempts
@@ -1580,6 +1759,7 @@ class HttpOutboundListener(_Frontend):
         self._pool = _Pool()
         self._deadlines = _Deadlines()
         self._clients: set[_Client] = set()
+        self._idle = _IdleClients(self._clients, self._idle_timeout)
         self._server: asyncio.Server | None = None
         self._needs_request = _needs_request(runtime)
 
@@ -1604,18 +1784,33 @@ class HttpOutboundListener(_Frontend):
     def _accepted(self) -> asyncio.BaseProtocol:
         client = _TcpClient(self)
         self._clients.add(client)
+        self._idle.added(client)
         upstream = self._runtime.upstream
         self._telemetry.connection_opened("outbound", upstream.source, upstream.destination)
         return client
 
     def update(self, runtime: UpstreamRuntime, contexts: tls.ClientContexts) -> None:
         """New routes, clusters or certificates, for new requests. New certificates:
-        pooled connections made with the old ones are not reused."""
+        pooled connections made with the old ones are not reused; pooled connections
+        to endpoints no cluster has any more are closed (busy ones once done)."""
+        previous = self._runtime
         self._runtime = runtime
         self._needs_request = _needs_request(runtime)
         if contexts is not self._contexts:
             self._contexts = contexts
             self._pool.generation += 1
+        if previous.upstream.clusters is not runtime.upstream.clusters:
+            wanted: set[object] = {
+                (e.host, e.port, e.sni)
+                for cluster in runtime.clusters.values()
+                for e in cluster.cluster.endpoints
+            }
+            self._pool.retire(wanted)
+        if previous.upstream.idle_timeout != runtime.upstream.idle_timeout:
+            self._idle.reschedule()
+
+    def _idle_timeout(self, client: _Client) -> float:
+        return self._runtime.upstream.idle_timeout
 
     def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
         return _OutboundExchange(client, head, self)
@@ -1636,6 +1831,7 @@ class HttpOutboundListener(_Frontend):
             client.transport.abort()
         self._pool.close()
         self._deadlines.close()
+        self._idle.close()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

@@ -80,6 +80,15 @@ async def start_backend(name: str) -> Backend:
         path = request.path
         if path.startswith("/slow"):
             await asyncio.sleep(float(request.query.get("s", "2")))
+        if path.startswith("/stall"):
+            response = web.StreamResponse(headers={"x-backend": name})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            await response.write(b"first;")
+            await asyncio.sleep(float(request.query.get("s", "2")))
+            await response.write(b"late;")
+            await response.write_eof()
+            return response
         if path.startswith("/chunked"):
             response = web.StreamResponse(headers={"x-backend": name})
             response.enable_chunked_encoding()
@@ -169,6 +178,8 @@ class Knobs:
     service: Mapping[str, Any] = field(default_factory=dict)
     """LocalService fields (intentions, rate_limit, request_timeout...)."""
     route: Mapping[str, Any] = field(default_factory=dict)
+    upstream: Mapping[str, Any] = field(default_factory=dict)
+    """Upstream fields (idle_timeout...)."""
     cluster: Mapping[str, Any] = field(default_factory=dict)
     split: tuple[int, ...] = ()
     """Weights (1/100 %) over clusters c0, c1... each of one backend; () = one cluster."""
@@ -242,7 +253,15 @@ async def mesh(pki: Pki, knobs: Knobs | None = None) -> AsyncIterator[Mesh]:
             splits = (SplitTarget(10_000, "api"),)
         route = Route("api/default", splits, **knobs.route)
         upstream = Upstream(
-            "web", "api", "127.0.0.1", 0, certificate(web_leaf), (route,), clusters, "http"
+            "web",
+            "api",
+            "127.0.0.1",
+            0,
+            certificate(web_leaf),
+            (route,),
+            clusters,
+            "http",
+            **knobs.upstream,
         )
         snapshot = Snapshot(2, pki.trust_domain, (pki.root_pem,), upstreams=(upstream,))
         runtime_out = compile_snapshot(snapshot, None, random.Random(7)).upstreams[("127.0.0.1", 0)]
@@ -598,3 +617,116 @@ async def test_expect_100_continue_crosses_the_mesh(pki: Pki) -> None:
         async with post as response:
             assert response.status == 200
             assert await response.read() == b"after continue"
+
+
+# --------------------------------------------------------------- idle timeouts
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the peer closes within ``seconds`` (what arrives first is discarded)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_an_idle_client_connection_is_closed_after_the_upstream_idle_timeout(
+    pki: Pki,
+) -> None:
+    async with mesh(pki, Knobs(upstream={"idle_timeout": 0.3})) as m:
+        reader, writer = await asyncio.open_connection(*m.outbound.address)
+        try:
+            # A request in flight longer than the idle timeout is not cut.
+            writer.write(b"GET /slow?s=0.6 HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(WAIT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            started = asyncio.get_running_loop().time()
+            assert await _closed_within(reader, 3.0)
+            waited = asyncio.get_running_loop().time() - started
+            assert 0.25 <= waited <= 1.5
+            assert m.outbound.open_connections() == 0
+        finally:
+            writer.close()
+
+
+async def test_an_idle_mesh_connection_is_closed_after_the_service_idle_timeout(
+    pki: Pki,
+) -> None:
+    async with mesh(pki, Knobs(service={"idle_timeout": 0.3})) as m, client() as session:
+        async with session.get(m.url("/")) as response:
+            assert response.status == 200
+        inbound = m.hosts[0].inbound
+        assert inbound.open_connections() == 1
+        for _ in range(150):
+            if inbound.open_connections() == 0 and m.outbound._pool.idle_count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert inbound.open_connections() == 0
+        assert m.outbound._pool.idle_count() == 0  # the pool saw the close
+        async with session.get(m.url("/")) as response:  # a new mesh connection
+            assert response.status == 200
+
+
+async def test_the_route_idle_timeout_gives_504_before_the_response(pki: Pki) -> None:
+    knobs = Knobs(route={"idle_timeout": 0.3, "request_timeout": 0.0})
+    async with mesh(pki, knobs) as m, client() as session:
+        async with session.get(m.url("/slow?s=2")) as response:
+            assert response.status == 504
+            error = response.headers["x-meshnode-error"]
+            assert error.startswith("timeout: ") and "idle" in error
+        async with session.get(m.url("/slow?s=0.1")) as response:
+            assert response.status == 200
+
+
+async def test_the_route_idle_timeout_closes_a_stalled_response(pki: Pki) -> None:
+    knobs = Knobs(route={"idle_timeout": 0.3, "request_timeout": 0.0})
+    async with mesh(pki, knobs) as m:
+        reader, writer = await asyncio.open_connection(*m.outbound.address)
+        try:
+            writer.write(b"GET /stall?s=3 HTTP/1.1\r\nHost: a\r\n\r\n")
+            async with asyncio.timeout(WAIT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            started = asyncio.get_running_loop().time()
+            assert await _closed_within(reader, 2.5)
+            assert asyncio.get_running_loop().time() - started < 1.5
+        finally:
+            writer.close()
+        line = json.loads(m.log_lines[-1])
+        assert line["error"].startswith("timeout: ") and line["status"] == 200
+
+
+async def test_update_closes_idle_pooled_connections_to_removed_endpoints(pki: Pki) -> None:
+    async with mesh(pki, Knobs(backends=2)) as m, client() as session:
+        for _ in range(2):  # round robin: one pooled connection to each endpoint
+            async with session.get(m.url("/")) as response:
+                assert response.status == 200
+        assert m.outbound._pool.idle_count() == 2
+        kept, removed = m.hosts
+        runtime = m.outbound._runtime
+        upstream = runtime.upstream
+        cluster = upstream.clusters["api"]
+        endpoint = Endpoint(*kept.address, "api")
+        clusters = {"api": replace(cluster, endpoints=(endpoint,))}
+        snapshot = Snapshot(
+            3,
+            m.pki.trust_domain,
+            (m.pki.root_pem,),
+            upstreams=(replace(upstream, clusters=clusters),),
+        )
+        new = compile_snapshot(snapshot, None, random.Random(1)).upstreams[("127.0.0.1", 0)]
+        m.outbound.update(new, m.outbound._contexts)
+        assert m.outbound._pool.idle_count() == 1
+        for _ in range(150):
+            if removed.inbound.open_connections() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert removed.inbound.open_connections() == 0
+        assert kept.inbound.open_connections() == 1
+        for _ in range(3):
+            async with session.get(m.url("/")) as response:
+                assert response.headers["x-backend"] == "b0"
