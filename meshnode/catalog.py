@@ -724,20 +724,21 @@ class Catalog:
         """Two upstreams of this node's services cannot listen on one address and port
         (the proxy has one listener each): refuse the registration that would (400)."""
         declared = _declared_upstreams(service)
-        if declared is None or not declared.upstreams:
+        if declared is None or not declared.listeners():
             return
         taken: dict[tuple[str, int], str] = {}
         for other in self.local.services.values():
             if other.id == service.id:
                 continue  # being replaced
             theirs = _declared_upstreams(other)
-            for upstream in theirs.upstreams if theirs is not None else ():
+            for upstream in theirs.listeners() if theirs is not None else ():
                 taken[(upstream.bind_address, upstream.bind_port)] = other.id
-        for upstream in declared.upstreams:
+        for upstream in declared.listeners():
             owner = taken.get((upstream.bind_address, upstream.bind_port))
             if owner is not None:
+                where = f"{upstream.path}.LocalBindPort" if upstream.destination else upstream.path
                 raise ValidationError(
-                    f"{upstream.path}.LocalBindPort",
+                    where,
                     f"{upstream.bind_address}:{upstream.bind_port} is already an upstream"
                     f" of service {owner!r} on this agent",
                 )

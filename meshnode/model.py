@@ -1094,10 +1094,20 @@ class ConnectUpstreams:
     itself for ``Connect.SidecarService``, ``Proxy.DestinationServiceName`` for a
     ``connect-proxy`` registration."""
     upstreams: tuple[UpstreamDefinition, ...]
+    http_proxy: UpstreamDefinition | None = None
+    """``Proxy.Config.http_proxy_port`` (and ``http_proxy_address``): one HTTP
+    forward-proxy listener for all of ``upstreams``, the upstream chosen per request by
+    the ``Host`` header (``destination`` is "")."""
+
+    def listeners(self) -> tuple[UpstreamDefinition, ...]:
+        """Every address the proxy listens on for this registration."""
+        if self.http_proxy is None:
+            return self.upstreams
+        return (*self.upstreams, self.http_proxy)
 
 
-def _upstreams_block(service: ServiceDefinition) -> tuple[str, object, str] | None:
-    """(source service, the raw ``Upstreams`` list, its path) of a registration, if any."""
+def _upstreams_block(service: ServiceDefinition) -> tuple[str, _Body] | None:
+    """(source service, the ``Proxy`` block) of a registration that has one."""
     if service.kind == "connect-proxy":
         if service.proxy is None:
             return None
@@ -1105,7 +1115,7 @@ def _upstreams_block(service: ServiceDefinition) -> tuple[str, object, str] | No
         source = proxy.string("DestinationServiceName")
         if not source:
             return None
-        return source, proxy.get("Upstreams"), proxy.sub("Upstreams")
+        return source, proxy
     if service.connect is None:
         return None
     connect = _Body(service.connect, "Connect")
@@ -1116,8 +1126,7 @@ def _upstreams_block(service: ServiceDefinition) -> tuple[str, object, str] | No
     proxy_value = sidecar_fields.get("Proxy")
     if proxy_value is None:
         return None
-    proxy = _Body(proxy_value, sidecar_fields.sub("Proxy"))
-    return service.name, proxy.get("Upstreams"), proxy.sub("Upstreams")
+    return service.name, _Body(proxy_value, sidecar_fields.sub("Proxy"))
 
 
 def _parse_upstream(value: object, path: str) -> UpstreamDefinition:
@@ -1134,21 +1143,36 @@ def _parse_upstream(value: object, path: str) -> UpstreamDefinition:
     if not fields.has("LocalBindPort"):
         raise ValidationError(fields.sub("LocalBindPort"), "missing LocalBindPort (1..65535)")
     port = fields.integer("LocalBindPort", low=1, high=65535)
-    address = fields.string("LocalBindAddress", limit=ADDRESS_MAX_LENGTH)
     if fields.string("LocalBindSocketPath", limit=TEXT_MAX_LENGTH):
         raise ValidationError(
             fields.sub("LocalBindSocketPath"), "unix socket upstreams are not supported"
         )
-    if address:
-        import ipaddress  # only registrations with an address pay for it
+    address = _bind_address(fields, "LocalBindAddress")
+    return UpstreamDefinition(destination, port, address, path)
 
-        try:
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            raise ValidationError(
-                fields.sub("LocalBindAddress"), f"expected an IP address, got {address!r}"
-            ) from None
-    return UpstreamDefinition(destination, port, address or DEFAULT_UPSTREAM_BIND_ADDRESS, path)
+
+def _bind_address(fields: _Body, key: str) -> str:
+    address = fields.string(key, limit=ADDRESS_MAX_LENGTH)
+    if not address:
+        return DEFAULT_UPSTREAM_BIND_ADDRESS
+    import ipaddress  # only registrations with an address pay for it
+
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ValidationError(fields.sub(key), f"expected an IP address, got {address!r}") from None
+
+
+def _http_proxy(proxy: _Body) -> UpstreamDefinition | None:
+    """``Proxy.Config.http_proxy_port`` / ``http_proxy_address``, if set."""
+    config = proxy.get("Config")
+    if not isinstance(config, dict) or config.get("http_proxy_port") is None:
+        return None
+    fields = _Body(config, proxy.sub("Config"))
+    port = fields.integer("http_proxy_port", low=1, high=65535)
+    return UpstreamDefinition(
+        "", port, _bind_address(fields, "http_proxy_address"), fields.sub("http_proxy_port")
+    )
 
 
 def connect_upstreams(service: ServiceDefinition) -> ConnectUpstreams | None:
@@ -1158,9 +1182,11 @@ def connect_upstreams(service: ServiceDefinition) -> ConnectUpstreams | None:
     block = _upstreams_block(service)
     if block is None:
         return None
-    source, raw, path = block
+    source, proxy = block
+    raw, path = proxy.get("Upstreams"), proxy.sub("Upstreams")
+    http_proxy = _http_proxy(proxy)
     if raw is None:
-        return ConnectUpstreams(source, ())
+        return ConnectUpstreams(source, (), http_proxy)
     if not isinstance(raw, list):
         raise ValidationError(path, f"expected a list of upstreams, got {_type_name(raw)}")
     if len(raw) > UPSTREAMS_MAX:
@@ -1177,7 +1203,15 @@ def connect_upstreams(service: ServiceDefinition) -> ConnectUpstreams | None:
             )
         seen[key] = upstream.path
         upstreams.append(upstream)
-    return ConnectUpstreams(source, tuple(upstreams))
+    if http_proxy is not None:
+        key = (http_proxy.bind_address, http_proxy.bind_port)
+        if key in seen:
+            raise ValidationError(
+                http_proxy.path,
+                f"{http_proxy.bind_address}:{http_proxy.bind_port} is also {seen[key]}'s"
+                " bind address",
+            )
+    return ConnectUpstreams(source, tuple(upstreams), http_proxy)
 
 
 def _validate_sidecar_upstreams(service: ServiceDefinition) -> None:

@@ -85,6 +85,7 @@ from proxy.snapshot import (
     Certificate,
     Cluster,
     Endpoint,
+    ForwardProxy,
     HttpMatch,
     Inbound,
     InboundTarget,
@@ -177,7 +178,8 @@ def build_snapshot(inputs: SnapshotInputs, version: int = 0) -> Snapshot:
         trust_domain=inputs.trust_domain,
         trust_bundle=inputs.roots,
         inbound=_inbound(inputs),
-        upstreams=tuple(_upstreams(inputs, chains)),
+        upstreams=(upstreams := tuple(_upstreams(inputs, chains))),
+        forward_proxies=tuple(_forward_proxies(inputs, upstreams)),
         access_log=inputs.access_log,
         node=inputs.node,
     )
@@ -328,6 +330,40 @@ def _upstreams(inputs: SnapshotInputs, chains: _Chains) -> Iterable[Upstream]:
                 clusters=clusters,
                 protocol=_protocol(inputs.policy, upstream.destination),
             )
+
+
+def _forward_proxies(
+    inputs: SnapshotInputs, upstreams: tuple[Upstream, ...]
+) -> Iterable[ForwardProxy]:
+    """One HTTP forward-proxy listener per registration with
+    ``Proxy.Config.http_proxy_port``, serving the upstreams that made it into the
+    snapshot, by host name: ``api``, ``api.service.consul``, ``api.service.<dc>.consul``
+    (the names Consul DNS gives them, so clients need no special names)."""
+    taken = {(inputs.host, inputs.port)} | {(u.host, u.port) for u in upstreams}
+    built = {(u.source, u.destination) for u in upstreams}
+    services = inputs.catalog.local.services
+    for service_id in sorted(services):
+        declared = _declared(services[service_id])
+        if declared is None or declared.http_proxy is None:
+            continue
+        if declared.source not in inputs.leaves:
+            continue  # nothing to present yet, as for its upstreams
+        address = (declared.http_proxy.bind_address, declared.http_proxy.bind_port)
+        if address in taken:
+            continue
+        taken.add(address)
+        hosts: dict[str, str] = {}
+        for upstream in declared.upstreams:
+            destination = upstream.destination
+            if (declared.source, destination) not in built:
+                continue
+            for name in (
+                destination,
+                f"{destination}.service.consul",
+                f"{destination}.service.{inputs.datacenter}.consul",
+            ):
+                hosts.setdefault(name.lower(), destination)
+        yield ForwardProxy(declared.source, address[0], address[1], hosts)
 
 
 @dataclass(frozen=True, slots=True)

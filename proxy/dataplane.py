@@ -37,7 +37,8 @@ from proxy import tls
 from proxy.snapshot import Certificate, Snapshot
 
 Address = tuple[str, int]
-ProtocolName = Literal["tcp", "http"]
+ProtocolName = Literal["tcp", "http", "forward"]
+"""An outbound listener's kind: an upstream's protocol, or an HTTP forward proxy."""
 InboundAction = Literal["none", "create", "update", "rebind", "close"]
 
 _MaterialKey = tuple[tuple[str, ...], str, str]
@@ -56,6 +57,8 @@ class ListenerPlan:
     """Outbound addresses whose protocol changed: close the old, bind the new."""
     update: tuple[Address, ...]
     close: tuple[Address, ...]
+    wanted: Mapping[Address, ProtocolName]
+    """Every outbound listener of the snapshot, with its kind."""
 
 
 def plan_listeners(
@@ -71,12 +74,16 @@ def plan_listeners(
         action = "create"
     else:
         action = "update" if inbound == (wanted.host, wanted.port) else "rebind"
-    upstreams = {(u.host, u.port): u.protocol for u in snapshot.upstreams}
+    upstreams: dict[Address, ProtocolName] = {
+        (u.host, u.port): u.protocol for u in snapshot.upstreams
+    }
+    for forward in snapshot.forward_proxies:
+        upstreams[(forward.host, forward.port)] = "forward"
     create = tuple(a for a in upstreams if a not in outbound)
     replace = tuple(a for a, p in upstreams.items() if a in outbound and outbound[a] != p)
     update = tuple(a for a, p in upstreams.items() if outbound.get(a) == p)
     close = tuple(a for a in outbound if a not in upstreams)
-    return ListenerPlan(action, create, replace, update, close)
+    return ListenerPlan(action, create, replace, update, close, upstreams)
 
 
 def _key(bundle: tuple[str, ...], certificate: Certificate) -> _MaterialKey:
@@ -92,7 +99,8 @@ class TlsMaterial:
     sni: Mapping[str, ssl.SSLContext]
     """Every SNI name of the inbound targets → its service's server context."""
     upstreams: Mapping[Address, tls.ClientContexts]
-    """Each upstream's source-service client contexts, by listener address."""
+    """Each upstream's (and forward proxy's) source-service client contexts, by
+    listener address. A forward proxy with no upstream has none."""
 
     @staticmethod
     def build(
@@ -133,4 +141,8 @@ class TlsMaterial:
                 contexts = tls.ClientContexts(bundle, *key[1:], observer=observer)
             clients[key] = contexts
             upstreams[(upstream.host, upstream.port)] = contexts
+        by_source = {u.source: upstreams[(u.host, u.port)] for u in reversed(snapshot.upstreams)}
+        for forward in snapshot.forward_proxies:
+            if forward.source in by_source:
+                upstreams[(forward.host, forward.port)] = by_source[forward.source]
         return TlsMaterial(servers, clients, sni, upstreams)

@@ -53,7 +53,7 @@ import math
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple, TypeAlias
 
 from proxy.balancer import (
@@ -78,6 +78,7 @@ from proxy.resilience import (
 from proxy.snapshot import (
     Cluster,
     Endpoint,
+    ForwardProxy,
     Inbound,
     InboundTarget,
     IntentionRule,
@@ -817,11 +818,31 @@ def check_values(snapshot: Snapshot) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardRuntime:
+    """An HTTP forward-proxy listener: the upstream of each request by its host."""
+
+    forward: ForwardProxy
+    upstreams: Mapping[str, UpstreamRuntime]
+    """Lowercase host name → the runtime of the source's upstream listener for it."""
+
+    def runtime_for(self, host: str) -> UpstreamRuntime | None:
+        """The upstream for a ``Host`` header or an absolute-form target's authority:
+        case and a ``:port`` suffix are ignored."""
+        name = host.lower()
+        if ":" in name and not name.endswith("]"):
+            name = name.rsplit(":", 1)[0]
+        return self.upstreams.get(name)
+
+
+@dataclass(frozen=True, slots=True)
 class Compiled:
     snapshot: Snapshot
     inbound: InboundRuntime | None
     upstreams: Mapping[tuple[str, int], UpstreamRuntime]
     """By listener address (host, port)."""
+    forwards: Mapping[tuple[str, int], ForwardRuntime] = field(default_factory=dict)
+    """HTTP forward-proxy listeners by address; they share the upstreams' runtimes
+    (their breakers, budgets and outlier state)."""
 
     def clusters(self) -> Iterator[tuple[UpstreamRuntime, ClusterRuntime]]:
         """Every cluster of every upstream, with its upstream."""
@@ -867,4 +888,17 @@ def compile_snapshot(snapshot: Snapshot, previous: Compiled | None, rng: Random)
         address = (upstream.host, upstream.port)
         old = previous.upstreams.get(address) if previous is not None else None
         upstreams[address] = UpstreamRuntime(upstream, rng, old)
-    return Compiled(snapshot, inbound, upstreams)
+    by_pair: dict[tuple[str, str], UpstreamRuntime] = {}
+    for runtime in upstreams.values():
+        by_pair.setdefault((runtime.upstream.source, runtime.upstream.destination), runtime)
+    forwards = {
+        (forward.host, forward.port): ForwardRuntime(
+            forward,
+            {
+                name: by_pair[(forward.source, destination)]
+                for name, destination in forward.hosts.items()
+            },
+        )
+        for forward in snapshot.forward_proxies
+    }
+    return Compiled(snapshot, inbound, upstreams, forwards)

@@ -50,6 +50,7 @@ __all__ = [
     "Certificate",
     "Cluster",
     "Endpoint",
+    "ForwardProxy",
     "HeaderMatch",
     "HttpMatch",
     "Inbound",
@@ -327,6 +328,23 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardProxy:
+    """An HTTP forward-proxy listener for one local service: the upstream is chosen per
+    request by the ``Host`` header (or an absolute-form request target, as clients
+    configured with ``HTTP_PROXY`` send), so one port serves all of the service's
+    upstreams. Each request then goes through that upstream's route chain, exactly as
+    on the upstream's own listener."""
+
+    source: str
+    host: str
+    port: int
+    hosts: Mapping[str, str]
+    """Lowercase host name (without port) → the destination of one of ``source``'s
+    :class:`Upstream` entries."""
+    idle_timeout: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLog:
     path: str = ""
     """"" for the worker's stdout; ``off`` for none."""
@@ -342,6 +360,7 @@ class Snapshot:
     """Root certificates, PEM."""
     inbound: Inbound | None = None
     upstreams: tuple[Upstream, ...] = ()
+    forward_proxies: tuple[ForwardProxy, ...] = ()
     access_log: AccessLog = AccessLog()
     node: str = ""
 
@@ -500,3 +519,14 @@ def check(snapshot: Snapshot) -> None:
                     raise SnapshotError(
                         f"{where}.clusters.{name}.failover: unknown cluster {other!r}"
                     )
+    declared = {(u.source, u.destination) for u in snapshot.upstreams}
+    for i, forward in enumerate(snapshot.forward_proxies):
+        where = f"forward_proxies[{i}]"
+        if (forward.host, forward.port) in ports:
+            raise SnapshotError(f"{where}: {forward.host}:{forward.port} is used twice")
+        ports.add((forward.host, forward.port))
+        for name, destination in forward.hosts.items():
+            if (forward.source, destination) not in declared:
+                raise SnapshotError(
+                    f"{where}.hosts.{name}: {forward.source!r} has no upstream {destination!r}"
+                )

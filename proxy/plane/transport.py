@@ -54,6 +54,7 @@ from proxy.l4 import InboundListener, OutboundListener
 from proxy.resilience import EndpointEjected
 from proxy.runtime import (
     Compiled,
+    ForwardRuntime,
     InboundRuntime,
     UpstreamRuntime,
     compile_snapshot,
@@ -72,7 +73,9 @@ class OutboundServing(Protocol):
 
     async def start(self) -> None: ...
 
-    def update(self, runtime: UpstreamRuntime, contexts: Any) -> None: ...
+    def update(self, runtime: Any, contexts: Any) -> None: ...
+
+    """``UpstreamRuntime`` (or ``ForwardRuntime`` for a forward proxy) and contexts."""
 
     def open_connections(self) -> int: ...
 
@@ -223,9 +226,13 @@ class DataPlane:
         return inbound.host, inbound.port
 
     def _l7_for(self, snapshot: Snapshot, plan: ListenerPlan) -> ModuleType | None:
-        wants = any(u.protocol == "http" for u in snapshot.upstreams) or (
-            snapshot.inbound is not None
-            and any(s.protocol == "http" for s in snapshot.inbound.services.values())
+        wants = (
+            any(u.protocol == "http" for u in snapshot.upstreams)
+            or bool(snapshot.forward_proxies)
+            or (
+                snapshot.inbound is not None
+                and any(s.protocol == "http" for s in snapshot.inbound.services.values())
+            )
         )
         if not wants:
             return self._l7
@@ -234,7 +241,9 @@ class DataPlane:
                 self._l7 = load_l7()
             elif isinstance(self._l7_choice, ModuleType):
                 self._l7 = self._l7_choice
-        if self._l7 is None and any(u.protocol == "http" for u in snapshot.upstreams):
+        if self._l7 is None and (
+            any(u.protocol == "http" for u in snapshot.upstreams) or snapshot.forward_proxies
+        ):
             raise SnapshotRejected("http upstreams need the L7 data path (proxy.l7)")
         return self._l7
 
@@ -254,9 +263,7 @@ class DataPlane:
                 await new_inbound.start()
                 started.append(new_inbound)
             for address in plan.create:
-                listener = self._outbound_listener(
-                    compiled.upstreams[address], material.upstreams[address], l7
-                )
+                listener = self._outbound_listener(compiled, material, address, l7)
                 await listener.start()
                 started.append(listener)
                 created[address] = listener
@@ -297,16 +304,14 @@ class DataPlane:
         if new_inbound is not None:
             self.inbound = new_inbound
         for address in plan.update:
-            self.outbound[address].update(compiled.upstreams[address], material.upstreams[address])
+            self.outbound[address].update(*self._runtime_of(compiled, material, address))
         for address in plan.close:
             listener = self.outbound.pop(address)
             self._protocols.pop(address, None)
             await listener.aclose()
         for address in plan.replace:
             await self.outbound.pop(address).aclose()
-            listener = self._outbound_listener(
-                compiled.upstreams[address], material.upstreams[address], l7
-            )
+            listener = self._outbound_listener(compiled, material, address, l7)
             try:
                 await listener.start()
             except OSError as exc:  # the port was ours a moment ago: rare
@@ -317,9 +322,9 @@ class DataPlane:
         for address, listener in created.items():
             self.outbound[address] = listener
         self._protocols = {
-            (u.host, u.port): u.protocol
-            for u in compiled.snapshot.upstreams
-            if (u.host, u.port) in self.outbound
+            address: protocol
+            for address, protocol in plan.wanted.items()
+            if address in self.outbound
         }
 
     def _inbound_listener(
@@ -342,9 +347,26 @@ class DataPlane:
             http=self._http_inbound,
         )
 
+    @staticmethod
+    def _runtime_of(
+        compiled: Compiled, material: TlsMaterial, address: Address
+    ) -> tuple[UpstreamRuntime | ForwardRuntime, Any]:
+        """What ``update()`` of the listener at ``address`` takes."""
+        forward = compiled.forwards.get(address)
+        if forward is not None:
+            return forward, material.upstreams.get(address)
+        return compiled.upstreams[address], material.upstreams[address]
+
     def _outbound_listener(
-        self, runtime: UpstreamRuntime, contexts: Any, l7: ModuleType | None
+        self, compiled: Compiled, material: TlsMaterial, address: Address, l7: ModuleType | None
     ) -> OutboundServing:
+        runtime, contexts = self._runtime_of(compiled, material, address)
+        if isinstance(runtime, ForwardRuntime):
+            assert l7 is not None
+            forward: OutboundServing = l7.HttpForwardListener(
+                runtime, contexts, self.telemetry, self.access_log, rng=self._rng
+            )
+            return forward
         if runtime.upstream.protocol == "http":
             assert l7 is not None
             listener: OutboundServing = l7.HttpOutboundListener(

@@ -699,3 +699,49 @@ def test_any_chain_compiles_to_a_valid_snapshot(
     assert upstream.routes[-1].name == "a/default"
     for cluster in upstream.clusters.values():
         assert cluster.service in _SERVICES
+
+
+# ------------------------------------------------------------------- HTTP forward proxy
+
+
+def web_with_forward_proxy(port: int = 15000, **config: Any) -> dict[str, Any]:
+    body = web_calling("api", 15001)
+    proxy = body["Connect"]["SidecarService"]["Proxy"]
+    proxy["Upstreams"].append({"DestinationName": "db", "LocalBindPort": 15002})
+    proxy["Config"] = {"http_proxy_port": port, **config}
+    return body
+
+
+def test_forward_proxy_serves_every_declared_upstream_by_host_name() -> None:
+    world = World()
+    world.remote("n2", "10.0.0.2", [{"Name": "api", "Port": 80}, {"Name": "db", "Port": 5432}])
+    world.local(web_with_forward_proxy())
+    snapshot = world.build()
+    (forward,) = snapshot.forward_proxies
+    assert (forward.source, forward.host, forward.port) == ("web", "127.0.0.1", 15000)
+    assert forward.hosts == {
+        "api": "api",
+        "api.service.consul": "api",
+        "api.service.dc1.consul": "api",
+        "db": "db",
+        "db.service.consul": "db",
+        "db.service.dc1.consul": "db",
+    }
+    # Without web's leaf there are no upstreams, and no forward proxy to them.
+    world.leaves.pop("web")
+    assert world.build().forward_proxies == ()
+
+
+def test_forward_proxy_port_is_validated_at_registration() -> None:
+    with pytest.raises(ValidationError, match="http_proxy_port"):
+        parse_registration(web_with_forward_proxy(port=0))
+    with pytest.raises(ValidationError, match="http_proxy_address"):
+        parse_registration(web_with_forward_proxy(http_proxy_address="localhost"))
+    # The forward proxy's port is one of the registration's listeners.
+    with pytest.raises(ValidationError, match=r"http_proxy_port.*15001"):
+        parse_registration(web_with_forward_proxy(port=15001))
+    catalog = Catalog(NodeInfo("local", "id", "10.0.0.1", "dc1"))
+    register(catalog, web_with_forward_proxy())
+    clash = web_calling("db", 15000) | {"Name": "billing"}
+    with pytest.raises(ValidationError, match="already an upstream of service 'web'"):
+        register(catalog, clash)
