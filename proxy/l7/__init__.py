@@ -2,6 +2,7 @@
 protocols, pools and listeners in ``proxy/l7/transport.py`` (the layering rule lets
 only adapter files import ``asyncio``); this package re-exports the listeners."""
 
+from proxy.l7.forward import HttpForwardListener
 from proxy.l7.transport import HttpInbound, HttpOutboundListener
 
-__all__ = ["HttpInbound", "HttpOutboundListener"]
+__all__ = ["HttpForwardListener", "HttpInbound", "HttpOutboundListener"]

@@ -62,6 +62,7 @@ class Mesh:
         self.a2 = AgentProcess.create("a2", workdir)
         self.proxy_ports = {"a1": self.a1.proxy_port, "a2": self.a2.proxy_port}
         self.upstream_port = free_port()
+        self.web_port = free_port()
         self.access_log = workdir / "a2-access.log"
         self.runners: list[web.AppRunner] = []
         self.backends: dict[str, int] = {}
@@ -170,7 +171,7 @@ async def mesh() -> AsyncIterator[Mesh]:
         web_service = {
             "ID": "web-1",
             "Name": "web",
-            "Port": free_port(),
+            "Port": cluster.web_port,
             "Connect": {
                 "SidecarService": {
                     "Proxy": {
@@ -513,3 +514,43 @@ async def test_root_rotation_under_load_fails_no_request(mesh: Mesh) -> None:
     )
     assert not failures, failures[:5]
     assert statuses == Counter({200: total}), statuses
+
+
+async def test_an_http_forward_proxy_port_serves_every_upstream_by_host(mesh: Mesh) -> None:
+    forward_port = free_port()
+    web_service = {
+        "ID": "web-1",
+        "Name": "web",
+        "Port": mesh.web_port,
+        "Connect": {
+            "SidecarService": {
+                "Proxy": {
+                    "Upstreams": [{"DestinationName": "api", "LocalBindPort": mesh.upstream_port}],
+                    "Config": {"http_proxy_port": forward_port},
+                }
+            }
+        },
+    }
+    await mesh.call("PUT", mesh.a1, "/v1/agent/service/register", web_service)
+    proxy_url = f"http://127.0.0.1:{forward_port}"
+
+    async def via_proxy() -> Answer:
+        # Absolute form, as a client with HTTP_PROXY set sends it.
+        async with mesh.session.get("http://api/hello", proxy=proxy_url) as response:
+            return Answer(response.status, await response.text(), dict(response.headers))
+
+    async def listening() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            return (await via_proxy()).status == 200
+        return False
+
+    await mesh.until(listening, "the forward proxy port answers")
+    answer = await via_proxy()
+    assert answer.body in ("v1", "v2") and answer.headers["x-seen-source"] == "web"
+    # Origin form with a Host header, a Consul DNS name and a port.
+    url = f"{proxy_url}/hello"
+    async with mesh.session.get(url, headers={"Host": "API.service.consul:80"}) as response:
+        assert response.status == 200 and await response.text() in ("v1", "v2")
+    async with mesh.session.get(url, headers={"Host": "billing"}) as response:
+        assert response.status == 404
+        assert response.headers["x-meshnode-error"].startswith("no-upstream: 'billing'")
