@@ -89,11 +89,12 @@ ERROR_HEADER: Final = "x-meshnode-error"
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 _DROPPED: Final = HOP_BY_HOP | {SOURCE_HEADER}
-#: A head with none of these (lowercased) is forwarded verbatim (module docstring).
+#: A head with none of these is forwarded verbatim (module docstring). Case-blind
+#: patterns: no lowered copy of the head per message.
 _SPECIAL_HEADER: Final = re.compile(
-    rb"\n(?:" + b"|".join(sorted(_DROPPED)).replace(b"-", rb"\-") + rb")[ \t]*:"
+    rb"\n(?:" + b"|".join(sorted(_DROPPED)).replace(b"-", rb"\-") + rb")[ \t]*:", re.IGNORECASE
 )
-_CONTENT_LENGTH: Final = re.compile(rb"\ncontent-length[ \t]*:")
+_CONTENT_LENGTH: Final = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
 #: Verbatim heads are looked for in the first this many bytes of a read.
 MAX_VERBATIM_HEAD: Final = 8 * 1024
 _METHODS: Final = {
@@ -278,17 +279,30 @@ class _Reader:
         self._open = False
         self._verbatim: bytes | None = None
 
-    def _parse(self, data: bytes | memoryview) -> None:
-        """Before llhttp sees a read: when it starts a message and holds its whole
-        head, keep that head (see ``_begin``)."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Parse ``data``; raises ``RemoteProtocolError`` (the connection is then
+        unusable).
+
+        Before llhttp sees a read: when it starts a message and holds its whole
+        head, that head is kept (see ``_begin``). One method for both readers: a
+        Python frame less per read."""
         if not self._open:
-            if isinstance(data, memoryview):
-                probe = bytes(data[:MAX_VERBATIM_HEAD])
-            else:
-                probe = data
+            probe = data if type(data) is bytes else bytes(data[:MAX_VERBATIM_HEAD])
             end = probe.find(b"\r\n\r\n", 0, MAX_VERBATIM_HEAD)
             self._verbatim = probe[: end + 4] if end >= 0 else None
-        self._parser.feed_data(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied") from None
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _EndedAtHead):
+                self._restart()
+                return
+            raise _translate(exc) from None
+
+    def _restart(self) -> None:
+        """A fresh parser, after a message llhttp was stopped in (``_EndedAtHead``)."""
+        raise NotImplementedError
 
     def _begin(self, head: Head) -> None:
         self._head = head
@@ -296,12 +310,11 @@ class _Reader:
         raw = self._verbatim
         if raw is not None:
             self._verbatim = None  # only the first message of a read starts at 0
-            lowered = raw.lower()
-            if _SPECIAL_HEADER.search(lowered) is None:
+            if _SPECIAL_HEADER.search(raw) is None:
                 # Nothing to drop: forward as received, skip the per-header work.
                 head.raw = raw
                 head.line_end = raw.find(b"\r\n")
-                if _CONTENT_LENGTH.search(lowered) is not None:
+                if _CONTENT_LENGTH.search(raw) is not None:
                     head.framing = LENGTH
                 self._in_head = False
                 return
@@ -379,16 +392,6 @@ class RequestReader(_Reader):
         self._parser = httptools.HttpRequestParser(self)
         self._target = b""
 
-    def feed(self, data: bytes | memoryview) -> None:
-        """Parse ``data``; raises ``RemoteProtocolError`` (the connection is then
-        unusable)."""
-        try:
-            self._parse(data)
-        except httptools.HttpParserUpgrade:
-            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied") from None
-        except httptools.HttpParserError as exc:
-            raise _translate(exc) from None
-
     def on_message_begin(self) -> None:
         self._begin(RequestHead())
         self._target = b""
@@ -433,16 +436,9 @@ class ResponseReader(_Reader):
         self._parser = httptools.HttpResponseParser(self)
         self.no_body = False
 
-    def feed(self, data: bytes | memoryview) -> None:
-        """Parse ``data``; raises ``RemoteProtocolError``."""
-        try:
-            self._parse(data)
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _EndedAtHead):
-                self._parser = httptools.HttpResponseParser(self)
-                self._open = False
-                return
-            raise _translate(exc) from None
+    def _restart(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._open = False
 
     def on_message_begin(self) -> None:
         self._begin(ResponseHead())

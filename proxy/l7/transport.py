@@ -77,7 +77,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy import tls
 from proxy.errors import RemoteProtocolError
@@ -166,8 +166,8 @@ class _Deadlines:
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, exchange: _Exchange, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
-        self.entries[exchange] = deadline
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Tick from now on (``entries`` or ``idle`` has one)."""
         if self._handle is None:
             self._loop = loop
             self._handle = loop.call_later(DEADLINE_TICK, self._tick)
@@ -175,8 +175,7 @@ class _Deadlines:
     def watch_idle(self, exchange: _Exchange, loop: asyncio.AbstractEventLoop) -> None:
         self.idle.add(exchange)
         if self._handle is None:
-            self._loop = loop
-            self._handle = loop.call_later(DEADLINE_TICK, self._tick)
+            self.start(loop)
 
     def _tick(self) -> None:
         loop = self._loop
@@ -417,7 +416,8 @@ class _Server(ResponseReader):
             return
         if exchange is not None:
             exchange.touched = True  # for a route idle timeout (_Deadlines)
-            exchange.flush()
+            if exchange._up or exchange._down:
+                exchange.flush()
 
     def head_received(self, head: ResponseHead) -> None:
         self.informational = head.informational
@@ -431,6 +431,7 @@ class _Server(ResponseReader):
             exchange.response_body(data)
 
     def message_complete(self) -> None:
+        self._open = False
         if self.informational:
             return
         exchange = self.exchange
@@ -442,6 +443,9 @@ class _Server(ResponseReader):
                 self.pool.put(self)
             else:
                 self.close()
+
+    # llhttp calls it directly: one Python frame less per response.
+    on_message_complete = message_complete
 
     def pause_writing(self) -> None:
         exchange = self.exchange
@@ -475,8 +479,7 @@ class _Server(ResponseReader):
 class _TcpServer(_Server, asyncio.Protocol):
     __slots__ = ()
 
-    def data_received(self, data: bytes) -> None:
-        self._feed(data)
+    data_received = _Server._feed
 
 
 class _TlsServer(_Server, asyncio.BufferedProtocol):
@@ -504,10 +507,10 @@ class _TlsServer(_Server, asyncio.BufferedProtocol):
 
 
 class _Frontend:
-    """What a client's requests are exchanged with: makes the exchange objects."""
+    """What a client's requests are exchanged with: ``exchange_class(client, head,
+    frontend)`` makes the exchange objects."""
 
-    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
-        raise NotImplementedError
+    exchange_class: Callable[[_Client, RequestHead, Any], _Exchange]
 
     def client_closed(self, client: _Client) -> None:
         raise NotImplementedError
@@ -573,7 +576,8 @@ class _Client(RequestReader):
     # ------------------------------------------------------ parser callbacks
 
     def head_received(self, head: RequestHead) -> None:
-        exchange = self._frontend.new_exchange(self, head)
+        frontend = self._frontend
+        exchange = frontend.exchange_class(self, head, frontend)
         self._parsing = exchange
         if self._active is None and not self._queue:
             self._active = exchange
@@ -588,10 +592,13 @@ class _Client(RequestReader):
             exchange.request_body(data)
 
     def message_complete(self) -> None:
+        self._open = False
         exchange = self._parsing
         self._parsing = None
         if exchange is not None:
             exchange.request_end()
+
+    on_message_complete = message_complete  # called by llhttp: a frame less
 
     # ---------------------------------------------------------- exchanges
 
@@ -669,8 +676,7 @@ class _Client(RequestReader):
 class _TcpClient(_Client, asyncio.Protocol):
     __slots__ = ()
 
-    def data_received(self, data: bytes) -> None:
-        self._feed(data)
+    data_received = _Client._feed
 
 
 class _TlsClient(_Client, asyncio.BufferedProtocol):
@@ -728,7 +734,7 @@ class _Exchange:
         "started",
         "status",
         "touched",
-        "upstream_name",
+        "upstream_address",
     )
 
     def __init__(self, client: _Client, head: RequestHead) -> None:
@@ -759,7 +765,8 @@ class _Exchange:
         self.status = 0
         self.error = ""
         self.attempts = 0
-        self.upstream_name = ""
+        self.upstream_address: tuple[str, int] | None = None
+        """Formatted only for the access log."""
         self.bad_request_after: bytes | None = None
 
     # --------------------------------------------------------- to subclass
@@ -916,7 +923,7 @@ class _Exchange:
         self.flush()
         if self._idle_watch is not None:
             self._unwatch_idle()
-        self._end_attempt(None)
+        # (the attempt's end: the outbound override has done it; nothing inbound)
         self.server = None
         server.exchange = None
         if keep_alive and self._request_done and not server.transport.is_closing():
@@ -1030,7 +1037,9 @@ class _Exchange:
     def _set_deadline(self, limit: float, deadlines: _Deadlines) -> None:
         self._limit = limit
         self._deadlines = deadlines
-        deadlines.add(self, self.started + limit, self.client.loop)
+        deadlines.entries[self] = self.started + limit
+        if deadlines._handle is None:
+            deadlines.start(self.client.loop)
 
     def _cancel_timers(self) -> None:
         deadlines = self._deadlines
@@ -1114,7 +1123,7 @@ class _Exchange:
             "destination": destination,
             "route": route,
             "cluster": cluster,
-            "upstream": self.upstream_name,
+            "upstream": "{}:{}".format(*self.upstream_address) if self.upstream_address else "",
             "protocol": "http",
             "method": self.head.method,
             "path": self.head.target.decode("latin-1"),
@@ -1134,10 +1143,12 @@ class _InboundConnection(_Frontend):
     """One mTLS connection taken over from the L4 inbound listener."""
 
     __slots__ = (
+        "current_service",
         "inbound",
         "on_close",
         "peer_id",
         "service",
+        "service_runtime",
         "source",
         "source_header",
         "target",
@@ -1160,6 +1171,9 @@ class _InboundConnection(_Frontend):
         self.source = inbound._runtime.source(peer_id)
         self.source_header = b"%b: %b\r\n" % (SOURCE_HEADER, self.source.encode("latin-1"))
         self.on_close = on_close
+        self.current_service = service
+        self.service_runtime: InboundRuntime | None = None
+        """The runtime ``current_service`` was looked up in."""
         self.verdict: Verdict | None = None
         self.verdict_runtime: InboundRuntime | None = None
         """The runtime ``verdict`` was decided with: a verdict that does not depend on
@@ -1175,9 +1189,6 @@ class _InboundConnection(_Frontend):
         verdict = self.verdict = runtime.authorize_request(self.peer_id, service, head.request())
         self.verdict_runtime = runtime
         return verdict
-
-    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
-        return _InboundExchange(client, head, self)
 
     def client_closed(self, client: _Client) -> None:
         self.inbound._clients.discard(client)
@@ -1197,7 +1208,13 @@ class _InboundExchange(_Exchange):
         connection = self._connection
         inbound = connection.inbound
         runtime = self._runtime = inbound._runtime
-        service = self._service = runtime.service(connection.service.name) or connection.service
+        if connection.service_runtime is runtime:
+            service = connection.current_service
+        else:  # a new snapshot: look the service up once for the connection
+            service = runtime.service(connection.service.name) or connection.service
+            connection.current_service = service
+            connection.service_runtime = runtime
+        self._service = service
         name = service.name
         head = self.head
         verdict = connection.authorize(runtime, name, head)
@@ -1205,13 +1222,18 @@ class _InboundExchange(_Exchange):
             inbound._telemetry.denied(connection.source, name, "l7")
             self.respond_error(403, f"intention: denied by {verdict.rule}")
             return
-        wait = runtime.rate_limit(connection.source, name, self.client.loop.time())
+        wait = 0.0
+        if service.rate_limit is not None or service.rate_limit_per_source is not None:
+            wait = runtime.rate_limit(connection.source, name, self.client.loop.time())
         if wait > 0:
             inbound._telemetry.rate_limited(connection.source, name)
             self.respond_error(429, f"rate-limit: {name}", retry_after=max(1, math.ceil(wait)))
             return
-        self._address = runtime.local_address(connection.target)
-        self.upstream_name = f"{self._address[0]}:{self._address[1]}"
+        addresses = connection.target.addresses
+        address = self._address = (
+            addresses[0] if len(addresses) == 1 else runtime.local_address(connection.target)
+        )
+        self.upstream_address = address
         # The head goes first in _up: body pieces parsed later are appended after it.
         self._up.insert(0, request_bytes(head, head.target, connection.source_header))
         if self.replay is not None:
@@ -1278,6 +1300,9 @@ class _InboundExchange(_Exchange):
                 "inbound", connection.source, connection.peer_id or "", name, "", ""
             )
             inbound._access_log.log(record)
+
+
+_InboundConnection.exchange_class = _InboundExchange
 
 
 class HttpInbound:
@@ -1396,9 +1421,15 @@ class _OutboundExchange(_Exchange):
         runtime = self._runtime = listener._runtime
         upstream = runtime.upstream
         head = self.head
-        request = head.request() if listener._needs_request else None
-        route = self._route = runtime.route(request)
-        cluster = runtime.resolve(runtime.split(route))
+        fixed = listener._fixed
+        request = None
+        if fixed is not None and fixed[0] is runtime:
+            route = self._route = fixed[1]
+            cluster = fixed[2]
+        else:
+            request = head.request() if listener._needs_request else None
+            route = self._route = runtime.route(request)
+            cluster = runtime.resolve(runtime.split(route))
         if cluster is None:
             listener._telemetry.no_endpoint(upstream.source, upstream.destination)
             self.respond_error(503, f"no-healthy-endpoint: {upstream.destination}")
@@ -1464,7 +1495,7 @@ class _OutboundExchange(_Exchange):
             self._in_retry = True
             cluster.breaker.retry_started()
             cluster.budget.retry_started()
-        self.upstream_name = f"{endpoint.host}:{endpoint.port}"
+        self.upstream_address = (endpoint.host, endpoint.port)
         assert self._route is not None
         per_try = self._route.retry.per_try_timeout
         if per_try > 0:
@@ -1587,7 +1618,8 @@ class _OutboundExchange(_Exchange):
         endpoint = self._endpoint
         assert cluster is not None
         if endpoint is not None:
-            self._record(cluster, endpoint, head.status)
+            if cluster.cluster.outlier is not None:
+                self._record(cluster, endpoint, head.status)
             timer = self._try_timer
             if timer is not None:
                 self._try_timer = None
@@ -1611,8 +1643,13 @@ class _OutboundExchange(_Exchange):
             cluster.budget.retry_finished()
 
     def response_end(self, server: _Server, keep_alive: bool) -> None:
-        self._endpoint_done()
-        super().response_end(server, keep_alive)
+        endpoint = self._endpoint
+        if endpoint is not None:  # its head was recorded: end it without a record
+            self._endpoint = None
+            if self._counts_active or self._in_retry:
+                assert self._cluster is not None
+                self._end_attempt_counts(self._cluster, endpoint)
+        _Exchange.response_end(self, server, keep_alive)
 
     def _endpoint_done(self) -> None:
         """The response head was recorded already: end the attempt without a record."""
@@ -1700,7 +1737,8 @@ class _OutboundExchange(_Exchange):
             return
         if self._connecting is not None:
             self._abandon_connect()
-        self._end_attempt(None)
+        if self._endpoint is not None:
+            self._end_attempt(None)
         timer = self._try_timer
         if timer is not None:
             self._try_timer = None
@@ -1738,8 +1776,23 @@ def _needs_request(runtime: UpstreamRuntime) -> bool:
     return ring or len(routes) != 1 or not routes[0].match.empty
 
 
+def _fixed_choice(
+    runtime: UpstreamRuntime, needs_request: bool
+) -> tuple[UpstreamRuntime, Route, ClusterRuntime | None] | None:
+    """(runtime, route, cluster) when every request takes the same route to the same
+    cluster (one catch-all route, one split target): decided once per snapshot."""
+    if needs_request:
+        return None
+    route = runtime.route(None)
+    if len(route.splits) != 1:
+        return None
+    return runtime, route, runtime.resolve(runtime.split(route))
+
+
 class HttpOutboundListener(_Frontend):
     """A loopback listener for one (source service, upstream) in http mode."""
+
+    exchange_class = _OutboundExchange
 
     def __init__(
         self,
@@ -1762,6 +1815,7 @@ class HttpOutboundListener(_Frontend):
         self._idle = _IdleClients(self._clients, self._idle_timeout)
         self._server: asyncio.Server | None = None
         self._needs_request = _needs_request(runtime)
+        self._fixed = _fixed_choice(runtime, self._needs_request)
 
     @property
     def address(self) -> Address:
@@ -1796,6 +1850,7 @@ class HttpOutboundListener(_Frontend):
         previous = self._runtime
         self._runtime = runtime
         self._needs_request = _needs_request(runtime)
+        self._fixed = _fixed_choice(runtime, self._needs_request)
         if contexts is not self._contexts:
             self._contexts = contexts
             self._pool.generation += 1
@@ -1811,9 +1866,6 @@ class HttpOutboundListener(_Frontend):
 
     def _idle_timeout(self, client: _Client) -> float:
         return self._runtime.upstream.idle_timeout
-
-    def new_exchange(self, client: _Client, head: RequestHead) -> _Exchange:
-        return _OutboundExchange(client, head, self)
 
     def client_closed(self, client: _Client) -> None:
         self._clients.discard(client)
