@@ -95,6 +95,14 @@ _SPECIAL_HEADER: Final = re.compile(
     rb"\n(?:" + b"|".join(sorted(_DROPPED)).replace(b"-", rb"\-") + rb")[ \t]*:", re.IGNORECASE
 )
 _CONTENT_LENGTH: Final = re.compile(rb"\ncontent-length[ \t]*:", re.IGNORECASE)
+#: Lines of dropped headers that can be cut out of a head kept as received (not
+#: ``Transfer-Encoding`` or ``Upgrade``: they change the framing or are refused).
+_CUTTABLE_LINE: Final = re.compile(
+    rb"\n(connection|keep-alive|proxy-connection|te|trailer|x-meshnode-source)"
+    rb"[ \t]*:([^\r\n]*)\r(?=\n)",
+    re.IGNORECASE,
+)
+_CONNECTION_ONLY: Final = frozenset({b"", b"close", b"keep-alive"})
 #: Verbatim heads are looked for in the first this many bytes of a read.
 MAX_VERBATIM_HEAD: Final = 8 * 1024
 _METHODS: Final = {
@@ -304,14 +312,23 @@ class _Reader:
         """A fresh parser, after a message llhttp was stopped in (``_EndedAtHead``)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """The connection is over: drop the parser. It refers back to this reader (its
+        callbacks), so without this every closed connection is a reference cycle
+        that only the cycle collector frees (measured: ~3 µs per connection in
+        collections, more with a big heap). Nothing is parsed after this."""
+        self._parser = _RELEASED
+
     def _begin(self, head: Head) -> None:
         self._head = head
         self._open = True
         raw = self._verbatim
         if raw is not None:
             self._verbatim = None  # only the first message of a read starts at 0
-            if _SPECIAL_HEADER.search(raw) is None:
-                # Nothing to drop: forward as received, skip the per-header work.
+            if _SPECIAL_HEADER.search(raw) is not None:
+                raw = _cut_dropped(raw)
+            if raw is not None:
+                # Nothing (left) to drop: forward as received, skip the per-header work.
                 head.raw = raw
                 head.line_end = raw.find(b"\r\n")
                 if _CONTENT_LENGTH.search(raw) is not None:
@@ -357,6 +374,27 @@ class _Reader:
         tokens = self._connection_tokens
         if tokens:
             _drop_named(head, tokens)
+
+
+def _cut_dropped(raw: bytes) -> bytes | None:
+    """``raw`` without the lines of its hop-by-hop headers and ``x-meshnode-source``,
+    when that is all it has to drop (a ``Connection`` naming only ``close`` or
+    ``keep-alive``: no other header to drop): ``Connection: close`` and the like
+    keep a head verbatim. None when the head needs the per-header path."""
+    if b"\n " in raw or b"\n\t" in raw:
+        return None  # folded lines: leave them to the per-header path
+    pieces = []
+    last = 0
+    for line in _CUTTABLE_LINE.finditer(raw):
+        if line.group(1).lower() == b"connection":
+            tokens = {token.strip().lower() for token in line.group(2).split(b",")}
+            if not tokens <= _CONNECTION_ONLY:
+                return None
+        pieces.append(raw[last : line.start() + 1])
+        last = line.end() + 1  # past its \r\n (the \n starts the next match)
+    pieces.append(raw[last:])
+    cut = b"".join(pieces)
+    return cut if _SPECIAL_HEADER.search(cut) is None else None
 
 
 def _drop_named(head: Head, tokens: list[bytes]) -> None:
@@ -479,6 +517,14 @@ class ResponseReader(_Reader):
 
     def message_complete(self) -> None:
         raise NotImplementedError
+
+
+class _NoCallbacks:
+    __slots__ = ()
+
+
+#: What a released reader parses with (see ``_Reader.release``): calls nothing back.
+_RELEASED: Final = httptools.HttpRequestParser(_NoCallbacks())
 
 
 class _EndedAtHead(Exception):

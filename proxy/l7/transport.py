@@ -461,6 +461,7 @@ class _Server(ResponseReader):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
         self.pool.live.discard(self)
         self.pool.forget(self)
         if self.breaker is not None:
@@ -665,6 +666,7 @@ class _Client(RequestReader):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.release()
         active = self._active
         self._active = None
         self._queue.clear()

@@ -97,6 +97,44 @@ def test_a_get_keeps_end_to_end_headers_and_drops_hop_by_hop_ones() -> None:
     )
 
 
+def test_connection_close_and_other_droppable_lines_keep_a_head_verbatim() -> None:
+    [message] = parse_requests(
+        b"GET /v HTTP/1.1\r\nHost: api\r\nConnection: close\r\nKeep-Alive: 5\r\n"
+        b"X-Meshnode-Source: forged\r\nTE: trailers\r\nTest: kept\r\n\r\n"
+    )
+    head = message.head
+    assert isinstance(head, RequestHead) and message.complete
+    assert head.raw == b"GET /v HTTP/1.1\r\nHost: api\r\nTest: kept\r\n\r\n"
+    assert not head.keep_alive and head.framing == NO_BODY
+    assert head.request().headers == {"host": "api", "test": "kept"}
+    assert request_bytes(head, head.target, b"x-meshnode-source: web\r\n") == (
+        b"GET /v HTTP/1.1\r\nHost: api\r\nTest: kept\r\nx-meshnode-source: web\r\n\r\n"
+    )
+    [old] = parse_requests(b"GET /o HTTP/1.0\r\nConnection: Keep-Alive\r\nHost: a\r\n\r\n")
+    assert old.head.raw is not None and old.head.keep_alive
+    assert request_bytes(old.head, old.head.target) == b"GET /o HTTP/1.1\r\nHost: a\r\n\r\n"  # type: ignore[arg-type]
+    reader = parse_responses(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+    )
+    response = reader.messages[0].head
+    assert response.raw == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    assert response.framing == LENGTH and reader.messages[0].body == b"ok"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nA: b\r\n\r\n",
+        b"POST / HTTP/1.1\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+)
+def test_heads_with_more_to_drop_take_the_per_header_path(head: bytes) -> None:
+    [message] = parse_requests(head)
+    assert message.head.raw is None
+    assert b"x-hop" not in request_bytes(message.head, b"/").lower()  # type: ignore[arg-type]
+    assert b"connection" not in request_bytes(message.head, b"/").lower()  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("request_line", "connection", "keep_alive"),
     [
@@ -238,10 +276,15 @@ class Spec:
     body: bytes
     chunked: bool
     pieces: list[int] = field(default_factory=list)
+    hop: bool = False
+    """Add hop-by-hop lines a verbatim head can lose (``Connection: keep-alive``...)."""
 
     def wire(self) -> bytes:
         lines = [b"%s %s HTTP/1.1\r\n" % (self.method.encode(), self.target)]
         lines += [b"%s: %s\r\n" % pair for pair in self.headers]
+        if self.hop:
+            lines.insert(1, b"Connection: Keep-Alive\r\nKeep-Alive: 5\r\n")
+            lines.append(b"X-Meshnode-Source: forged\r\n")
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
             rest = self.body
@@ -269,6 +312,7 @@ _specs = st.builds(
     body=st.binary(max_size=300),
     chunked=st.booleans(),
     pieces=st.lists(st.integers(1, 100), max_size=4),
+    hop=st.booleans(),
 )
 _RESERVED = {
     b"content-length",
