@@ -35,10 +35,12 @@ subclass (the connection in ``transport.py``) provides ``head_received(head)``,
 a body piece costs one Python call.
 
 Verbatim heads: most heads have nothing to drop. When a read starts a message and
-holds its whole head, and a scan of the lowercased head finds no header the proxy
-drops, the head is kept as received (``Head.raw``) and forwarded as it is (or with a
-header inserted before its end): no per-header Python work at all — llhttp still
-parses and validates everything, and the body's framing is still its. Headers are
+holds its whole head, and a scan of the head finds no header the proxy drops (or only
+lines that can simply be cut out: ``Connection: close``/``keep-alive``, ``Keep-Alive``,
+``Proxy-Connection``, ``TE``, ``Trailer``, ``x-meshnode-source``; see
+``_cut_dropped``), the head is kept as received (``Head.raw``) and forwarded as it is
+(or with a header inserted before its end): no per-header Python work at all — llhttp
+still parses and validates everything, and the body's framing is still its. Headers are
 then decoded only if a route or an intention looks at them. Parse errors become
 ``proxy.errors.RemoteProtocolError``.
 
