@@ -169,13 +169,18 @@ class Head:
         raw = self.raw
         if raw is None or self.names is not _UNFILLED:
             return
-        names: list[bytes] = []
-        values: list[bytes] = []
-        for line in raw[self.line_end + 2 : -4].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            names.append(name.strip().lower())
-            values.append(value.strip(b" \t"))
-        self.names, self.values = names, values
+        self.names, self.values = _split_head(raw, self.line_end)
+
+
+def _split_head(raw: bytes, line_end: int) -> tuple[list[bytes], list[bytes]]:
+    """The (lowercased) names and the values of a verbatim head's header lines."""
+    names: list[bytes] = []
+    values: list[bytes] = []
+    for line in raw[line_end + 2 : -4].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        names.append(name.strip().lower())
+        values.append(value.strip(b" \t"))
+    return names, values
 
 
 class RequestHead(Head):
@@ -216,22 +221,26 @@ _NO_QUERY: Final[Mapping[str, str]] = MappingProxyType({})
 
 class _Headers(Mapping[str, str]):
     """A request's headers for ``HttpRequest`` (lowercased names, first value wins),
-    decoded on first use."""
+    decoded on first use. It keeps what it decodes from, not the head: the head keeps
+    the request, and a reference back would make a garbage cycle per request."""
 
-    __slots__ = ("_decoded", "_head")
+    __slots__ = ("_decoded", "_line_end", "_names", "_raw", "_values")
 
     def __init__(self, head: Head) -> None:
-        self._head = head
+        self._raw = head.raw if head.names is _UNFILLED else None
+        self._line_end = head.line_end
+        self._names = head.names
+        self._values = head.values
         self._decoded: dict[str, str] | None = None
 
     def _all(self) -> dict[str, str]:
         decoded = self._decoded
         if decoded is None:
-            head = self._head
-            if head.raw is not None:
-                head._unpack()
+            names, values = self._names, self._values
+            if self._raw is not None:
+                names, values = _split_head(self._raw, self._line_end)
             decoded = self._decoded = {}
-            for name, value in zip(head.names, head.values, strict=True):
+            for name, value in zip(names, values, strict=True):
                 decoded.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         return decoded
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -133,6 +134,29 @@ def test_heads_with_more_to_drop_take_the_per_header_path(head: bytes) -> None:
     assert message.head.raw is None
     assert b"x-hop" not in request_bytes(message.head, b"/").lower()  # type: ignore[arg-type]
     assert b"connection" not in request_bytes(message.head, b"/").lower()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"GET /a?x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /a?x=1 HTTP/1.1\r\nHost: a\r\nConnection: x-b\r\nX-B: 1\r\n\r\n",
+    ],
+)
+def test_a_parsed_request_and_a_released_reader_leave_no_garbage_cycle(wire: bytes) -> None:
+    """Cycles would leave every request and connection to the cycle collector."""
+    gc.collect()
+    gc.disable()
+    try:
+        reader = Requests()
+        reader.feed(wire)
+        head = reader.messages[0].head
+        assert isinstance(head, RequestHead) and head.request().headers["host"] == "a"
+        reader.release()
+        del reader, head
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
