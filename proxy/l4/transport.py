@@ -669,9 +669,39 @@ class InboundListener(_Listener):
         return self._runtime
 
     def update(self, runtime: InboundRuntime, contexts: Mapping[str, ssl.SSLContext]) -> None:
-        """New services, targets, certificates or intentions, for new connections."""
+        """New services, targets, certificates or intentions, for new connections; and
+        open tcp connections the new intentions deny are closed (:meth:`_revoke`)."""
         self._selector.update(contexts)
-        self._runtime = runtime
+        previous, self._runtime = self._runtime, runtime
+        if runtime is not previous:
+            self._revoke(runtime)
+
+    def _revoke(self, runtime: InboundRuntime) -> None:
+        """Close the open tcp connections ``runtime``'s intentions no longer allow.
+
+        Consul (and Envoy's RBAC network filter) check a tcp intention only when a
+        connection opens, so a deny leaves a long-lived connection (a database
+        session, a stream) working until it closes. Here revoking access takes effect
+        on those too, within the snapshot push (~100 ms): the decision is the same
+        one the connection was admitted with, re-run for its (peer, service) — a dict
+        lookup per open connection, once per snapshot. http connections are the L7
+        handler's, which checks every request."""
+        for link in list(self._links):
+            if not link.admitted or link.closed:
+                continue
+            verdict = runtime.authorize_connection(link.peer_id or None, link.destination)
+            if verdict.allowed:
+                continue
+            self._counters.denied += 1
+            self.telemetry.denied(link.source, link.destination, "l4")
+            log.info(
+                "connection_revoked peer=%s service=%s rule=%s",
+                link.peer_id,
+                link.destination,
+                verdict.rule,
+            )
+            link.error = f"intention: denied by {verdict.rule}"
+            link.close()
 
     async def start(self) -> None:
         await self._serve(self._accepted, self._context, self._handshake_timeout)

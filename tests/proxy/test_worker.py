@@ -110,7 +110,7 @@ async def plane() -> AsyncIterator[DataPlane]:
         await running.aclose()
 
 
-async def test_apply_serves_and_a_new_snapshot_keeps_open_connections(
+async def test_a_new_snapshot_keeps_open_connections_and_a_deny_cuts_them(
     leaves: Leaves, plane: DataPlane
 ) -> None:
     backend = await echo_server()
@@ -124,22 +124,27 @@ async def test_apply_serves_and_a_new_snapshot_keeps_open_connections(
         assert await reader.readexactly(4) == b"open"
         listener = plane.outbound[outbound]
         await plane.apply(
+            host_snapshot(leaves, address_of(backend), inbound_port, outbound_port, version=2)
+        )
+        assert plane.outbound[outbound] is listener  # updated in place
+        assert plane.version == 2
+        writer.write(b"still")
+        assert await reader.readexactly(5) == b"still"
+        # A deny refuses new connections and cuts the open one (revoked access).
+        await plane.apply(
             host_snapshot(
                 leaves,
                 address_of(backend),
                 inbound_port,
                 outbound_port,
-                version=2,
+                version=3,
                 intentions=(DENY_WEB,),
             )
         )
-        assert plane.outbound[outbound] is listener  # updated in place
-        assert plane.version == 2
         await refused(outbound)
-        writer.write(b"still")
-        assert await reader.readexactly(5) == b"still"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
-        assert counter(plane.telemetry, "intention_denials", level="l4") == 1
+        assert counter(plane.telemetry, "intention_denials", level="l4") == 2
     finally:
         backend.close()
 
@@ -369,7 +374,7 @@ async def test_control_socket_snapshots_intention_switch_rejection_and_stats(
             open_reader, open_writer = await asyncio.open_connection(*outbound)
             open_writer.write(b"allowed")
             assert await open_reader.readexactly(7) == b"allowed"
-            # allow → deny: new connections refused, the open one keeps working.
+            # allow → deny: new connections refused, the open one cut.
             denied = host_snapshot(
                 leaves,
                 address_of(backend),
@@ -381,8 +386,8 @@ async def test_control_socket_snapshots_intention_switch_rejection_and_stats(
             send_snapshot(writer, denied)
             assert await next_of(reader, "applied") == ["applied", 2]
             await refused(outbound)
-            open_writer.write(b"still")
-            assert await open_reader.readexactly(5) == b"still"
+            assert await asyncio.wait_for(open_reader.read(), WAIT_S) == b""
+            open_writer.close()
             # A snapshot that does not decode, and one that cannot bind: rejected, and
             # version 2 still serves.
             send_snapshot(writer, b"\x93garbage")
@@ -398,9 +403,6 @@ async def test_control_socket_snapshots_intention_switch_rejection_and_stats(
             assert rejected[1] == 3 and "in use" in rejected[2]
             squatter.close()
             await refused(outbound)
-            open_writer.write(b"again")
-            assert await open_reader.readexactly(5) == b"again"
-            open_writer.close()
             # Plaintext to the inbound port: refused, and counted in the stats.
             plain_reader, plain_writer = await asyncio.open_connection("127.0.0.1", inbound_port)
             plain_writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
@@ -411,7 +413,8 @@ async def test_control_socket_snapshots_intention_switch_rejection_and_stats(
                     stats = (await next_of(reader, "stats"))[1]
                     if stat(stats, "tls_handshake_failures", reason="plaintext"):
                         break
-            assert stat(stats, "intention_denials", level="l4") == 2
+            # Two new connections refused, one open connection revoked.
+            assert stat(stats, "intention_denials", level="l4") == 3
             assert stat(stats, "tcp_connections_opened", direction="inbound") == 1
             gauges = {metric: value for metric, _, value in stats["gauges"]}
             assert gauges["meshnode_proxy_snapshot_version"] == 2
