@@ -554,3 +554,71 @@ async def test_an_http_forward_proxy_port_serves_every_upstream_by_host(mesh: Me
     async with mesh.session.get(url, headers={"Host": "billing"}) as response:
         assert response.status == 404
         assert response.headers["x-meshnode-error"].startswith("no-upstream: 'billing'")
+
+
+async def test_a_deny_cuts_open_tcp_connections_too(mesh: Mesh) -> None:
+    """db is a tcp service: its intention is checked per connection, and a deny
+    closes the connections already open (Consul would leave them open)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    db_port = server.sockets[0].getsockname()[1]
+    db_upstream = free_port()
+    url = "/v1/connect/intentions/exact?source=web&destination=db"
+    try:
+        await mesh.call(
+            "PUT",
+            mesh.a2,
+            "/v1/agent/service/register",
+            {"ID": "db-1", "Name": "db", "Port": db_port, "Address": "127.0.0.1"},
+        )
+        upstreams = [
+            {"DestinationName": "api", "LocalBindPort": mesh.upstream_port},
+            {"DestinationName": "db", "LocalBindPort": db_upstream},
+        ]
+        web_service = {
+            "ID": "web-1",
+            "Name": "web",
+            "Port": mesh.web_port,
+            "Connect": {"SidecarService": {"Proxy": {"Upstreams": upstreams}}},
+        }
+        await mesh.call("PUT", mesh.a1, "/v1/agent/service/register", web_service)
+        await mesh.call("PUT", mesh.a1, url, {"Action": "allow"})
+
+        async def session() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", db_upstream)
+                writer.write(b"ping")
+                if await asyncio.wait_for(reader.readexactly(4), 5) == b"ping":
+                    return reader, writer
+                writer.close()
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+            return None
+
+        opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def connected() -> bool:
+            found = await session()
+            if found is not None:
+                opened.append(found)
+            return found is not None
+
+        await mesh.until(connected, "web → db over tcp")
+        reader, writer = opened[-1]
+        await mesh.call("PUT", mesh.a1, url, {"Action": "deny"})
+        written = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), APPLIED_WITHIN) == b""
+        print(f"\nan open tcp connection was cut {time.monotonic() - written:.2f} s after the deny")
+        writer.close()
+        assert await session() is None  # and new ones are refused
+    finally:
+        server.close()
+        await mesh.call("DELETE", mesh.a1, url)
+        await mesh.deregister(mesh.a2, "db-1")
