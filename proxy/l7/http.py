@@ -52,10 +52,11 @@ body, and ``connection: close`` when the connection will be closed after them.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import httptools
@@ -276,7 +277,7 @@ class ResponseHead(Head):
 # ------------------------------------------------------------------------- readers
 
 
-class _Reader:
+class _Reader(ABC):
     """What both readers share: the verbatim-head check and header collection
     (httptools callbacks)."""
 
@@ -320,8 +321,18 @@ class _Reader:
             raise _translate(exc) from None
 
     def _restart(self) -> None:
-        """A fresh parser, after a message llhttp was stopped in (``_EndedAtHead``)."""
-        raise NotImplementedError
+        """A fresh parser of the same kind, after a message llhttp was stopped in
+        (``_EndedAtHead``: a response to HEAD, whose announced body never comes)."""
+        self._parser = type(self._parser)(self)
+        self._open = False
+
+    @abstractmethod
+    def head_received(self, head: Any) -> None:
+        """A message's head is complete (a ``RequestHead`` or ``ResponseHead``)."""
+
+    @abstractmethod
+    def message_complete(self) -> None:
+        """The message (head and body) is complete."""
 
     def release(self) -> None:
         """The connection is over: drop the parser. It refers back to this reader (its
@@ -466,12 +477,6 @@ class RequestReader(_Reader):
         self._open = False
         self.message_complete()
 
-    def head_received(self, head: RequestHead) -> None:
-        raise NotImplementedError
-
-    def message_complete(self) -> None:
-        raise NotImplementedError
-
 
 class ResponseReader(_Reader):
     """Parses responses from an upstream connection. Set ``no_body`` before a response
@@ -484,10 +489,6 @@ class ResponseReader(_Reader):
         super().__init__()
         self._parser = httptools.HttpResponseParser(self)
         self.no_body = False
-
-    def _restart(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
-        self._open = False
 
     def on_message_begin(self) -> None:
         self._begin(ResponseHead())
@@ -522,12 +523,6 @@ class ResponseReader(_Reader):
     def on_message_complete(self) -> None:
         self._open = False
         self.message_complete()
-
-    def head_received(self, head: ResponseHead) -> None:
-        raise NotImplementedError
-
-    def message_complete(self) -> None:
-        raise NotImplementedError
 
 
 class _NoCallbacks:

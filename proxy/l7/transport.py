@@ -89,6 +89,7 @@ import asyncio
 import math
 import random
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -521,14 +522,15 @@ class _TlsServer(_Server, asyncio.BufferedProtocol):
 # ------------------------------------------------------------------------- downstream
 
 
-class _Frontend:
+class _Frontend(ABC):
     """What a client's requests are exchanged with: ``exchange_class(client, head,
     frontend)`` makes the exchange objects."""
 
     exchange_class: Callable[[_Client, RequestHead, Any], _Exchange]
 
+    @abstractmethod
     def client_closed(self, client: _Client) -> None:
-        raise NotImplementedError
+        """``client``'s connection is gone: forget it (and count it)."""
 
 
 class _Client(RequestReader):
@@ -715,7 +717,7 @@ class _TlsClient(_Client, asyncio.BufferedProtocol):
 # --------------------------------------------------------------------------- exchange
 
 
-class _Exchange:
+class _Exchange(ABC):
     """One request and its response (see the module docstring). Subclasses decide
     (``start``), connect (``_attempt``) and handle failures (``_attempt_failed``)."""
 
@@ -787,23 +789,31 @@ class _Exchange:
 
     # --------------------------------------------------------- to subclass
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Decide where the request goes (or answer it) and make the first attempt."""
 
+    @abstractmethod
     def _attempt(self) -> None:
-        raise NotImplementedError
+        """Get a connection for the request and send it."""
 
+    @abstractmethod
     def _attempt_failed(self, outcome: int, status: int, error: str) -> None:
-        raise NotImplementedError
+        """An attempt failed before a response: retry, or answer ``status``."""
 
     def _end_attempt(self, outcome: int | None) -> None:
-        """The current attempt ended (``outcome`` for outlier detection, or None)."""
+        """The current attempt ended (``outcome`` for outlier detection, or None).
+        Nothing to do by default: only outbound exchanges count attempts."""
+        return
 
     def _released(self) -> None:
-        """The exchange is over: release what ``start`` counted."""
+        """The exchange is over: release what ``start`` counted. Nothing by default:
+        only outbound exchanges take breaker and budget slots."""
+        return
 
+    @abstractmethod
     def _report(self) -> None:
-        raise NotImplementedError
+        """Telemetry and the access log, once per exchange."""
 
     # ----------------------------------------------------------- request
 
@@ -1119,8 +1129,9 @@ class _Exchange:
         self._on_timeout()
         self.respond_error(504, "timeout: " + detail.format(limit))
 
+    @abstractmethod
     def _on_timeout(self) -> None:
-        pass
+        """A deadline passed, just before the 504 is sent: count the timeout."""
 
     def _log_record(
         self,
