@@ -28,6 +28,11 @@ written out again with :func:`request_bytes` / :func:`response_bytes`:
   starts a fresh parser for the next one.
 * ``x-meshnode-source`` from a peer is dropped: only the inbound proxy sets it, from the
   verified SPIFFE ID.
+* Protocol upgrades (``Upgrade`` with ``Connection: upgrade``: WebSocket, h2c): the
+  head keeps the ``Upgrade`` value (``Head.upgrade``) and is written out with
+  ``connection: upgrade`` and it again; llhttp stops after such a request and after a
+  101 response, and the reader hands what followed in the read to ``upgraded(rest)``,
+  where the transport splices the two connections. ``CONNECT`` is refused.
 
 The readers are httptools "protocol" objects: llhttp calls their ``on_*`` methods. A
 subclass (the connection in ``transport.py``) provides ``head_received(head)``,
@@ -141,6 +146,7 @@ class Head:
         "line_end",
         "names",
         "raw",
+        "upgrade",
         "values",
         "version",
     )
@@ -154,6 +160,8 @@ class Head:
         self.version = b"1.1"
         self.keep_alive = True
         self.framing = NO_BODY
+        self.upgrade: bytes | None = None
+        """The ``Upgrade`` header's value (a hop-by-hop header: not in ``fields``)."""
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a forwarded header (``name`` lowercase)."""
@@ -195,6 +203,7 @@ class RequestHead(Head):
         self.version = b"1.1"
         self.keep_alive = True
         self.framing = NO_BODY
+        self.upgrade: bytes | None = None
         self.method = "GET"
         self.target = b"/"
         self._request: HttpRequest | None = None
@@ -268,6 +277,7 @@ class ResponseHead(Head):
         self.version = b"1.1"
         self.keep_alive = True
         self.framing = NO_BODY
+        self.upgrade: bytes | None = None
         self.status = 200
         self.reason = b""
         self.informational = False
@@ -312,8 +322,10 @@ class _Reader(ABC):
             self._verbatim = probe[: end + 4] if end >= 0 else None
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied") from None
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after the message that switches protocols; what follows
+            # it in this read belongs to the new protocol.
+            self.upgraded(bytes(data[upgrade.args[0] :]))
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _EndedAtHead):
                 self._restart()
@@ -325,6 +337,12 @@ class _Reader(ABC):
         (``_EndedAtHead``: a response to HEAD, whose announced body never comes)."""
         self._parser = type(self._parser)(self)
         self._open = False
+
+    def upgraded(self, rest: bytes) -> None:
+        """A message switched protocols (an ``Upgrade`` request, a 101 response):
+        nothing more is parsed; ``rest`` is what followed it in the read. Readers that
+        do not tunnel refuse it."""
+        raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied here")
 
     @abstractmethod
     def head_received(self, head: Any) -> None:
@@ -373,6 +391,8 @@ class _Reader(ABC):
         if lower in _DROPPED:
             if lower == b"transfer-encoding":
                 head.framing = CHUNKED  # llhttp refuses a last coding other than chunked
+            elif lower == b"upgrade":
+                head.upgrade = value
             elif lower == b"connection":
                 tokens = self._connection_tokens
                 if tokens is None:
@@ -461,10 +481,15 @@ class RequestReader(_Reader):
 
     def on_headers_complete(self) -> None:
         parser: httptools.HttpRequestParser = self._parser  # type: ignore[assignment]
-        if parser.should_upgrade():
-            raise RemoteProtocolError("upgrade", "protocol upgrades are not proxied")
         self._end_head()
         head: RequestHead = self._head  # type: ignore[assignment]
+        if parser.should_upgrade():
+            # Upgrade + Connection: upgrade (WebSocket, h2c...) is forwarded, and a 101
+            # turns both connections into a tunnel (the transport). CONNECT is not.
+            if head.upgrade is None or parser.get_method() == b"CONNECT":
+                raise RemoteProtocolError("upgrade", "CONNECT is not proxied")
+        else:
+            head.upgrade = None  # an Upgrade header without Connection: upgrade
         head.target = self._target
         method = parser.get_method()
         head.method = _METHODS.get(method) or method.decode("ascii")
@@ -551,6 +576,8 @@ def request_bytes(head: RequestHead, target: bytes, extra: bytes = b"") -> bytes
         line = b"%b %b HTTP/1.1" % (head.method.encode("ascii"), target)
         return b"".join((line, raw[head.line_end : -2], extra, _CRLF))
     framing = b"transfer-encoding: chunked\r\n" if head.framing == CHUNKED else b""
+    if head.upgrade is not None:
+        framing += b"connection: upgrade\r\nupgrade: %b\r\n" % head.upgrade
     return b"".join(
         (
             head.method.encode("ascii"),
@@ -568,7 +595,9 @@ def request_bytes(head: RequestHead, target: bytes, extra: bytes = b"") -> bytes
 def response_bytes(head: ResponseHead, *, chunked: bool, close: bool, http10_client: bool) -> bytes:
     """The head to send downstream. ``chunked``: the body is re-chunked; ``close``:
     the connection closes after this response."""
-    if close:
+    if head.upgrade is not None and head.status == 101:
+        connection = b"connection: upgrade\r\nupgrade: %b\r\n" % head.upgrade
+    elif close:
         connection = b"connection: close\r\n"
     elif http10_client:
         connection = b"connection: keep-alive\r\n"

@@ -147,6 +147,7 @@ Address = tuple[str, int]
 _PAUSE_QUEUE: Final = 1
 _PAUSE_PEER: Final = 2
 _PAUSE_PENDING: Final = 4
+_PAUSE_UPGRADE: Final = 8
 
 
 class _ReadBuffer:
@@ -358,7 +359,7 @@ class _Pool:
         for server in list(self.live):
             if server.key not in wanted:
                 server.generation = -1
-                if server.exchange is None and not server.draining:
+                if server.exchange is None and not server.draining and server.tunnel is None:
                     self.forget(server)
                     server.close()
 
@@ -395,6 +396,7 @@ class _Server(ResponseReader):
         "reused",
         "session_context",
         "transport",
+        "tunnel",
     )
 
     def __init__(self, pool: _Pool, key: object) -> None:
@@ -410,6 +412,7 @@ class _Server(ResponseReader):
         self.reused = False
         self.draining = False
         self.paused = False
+        self.tunnel: _Tunnel | None = None
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -418,6 +421,10 @@ class _Server(ResponseReader):
         self.pool.live.add(self)
 
     def _feed(self, data: bytes | memoryview) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.from_server(data if type(data) is bytes else bytes(data))
+            return
         exchange = self.exchange
         if exchange is None and not self.draining:
             self.transport.abort()  # bytes nobody asked for: not reusable
@@ -439,6 +446,15 @@ class _Server(ResponseReader):
         exchange = self.exchange
         if exchange is not None:
             exchange.response_head(self, head)
+
+    def upgraded(self, rest: bytes) -> None:
+        """After a 101 (``_Exchange.switch`` made the tunnel): ``rest`` is the new
+        protocol's first bytes."""
+        tunnel = self.tunnel
+        if tunnel is None:
+            raise RemoteProtocolError("upgrade", "switched protocols without a tunnel")
+        if rest:
+            tunnel.from_server(rest)
 
     def on_body(self, data: bytes) -> None:
         exchange = self.exchange
@@ -466,11 +482,15 @@ class _Server(ResponseReader):
         exchange = self.exchange
         if exchange is not None:
             exchange.client.pause(_PAUSE_PEER)
+        elif self.tunnel is not None:
+            self.tunnel.client.pause(_PAUSE_PEER)
 
     def resume_writing(self) -> None:
         exchange = self.exchange
         if exchange is not None:
             exchange.client.resume(_PAUSE_PEER)
+        elif self.tunnel is not None:
+            self.tunnel.client.resume(_PAUSE_PEER)
 
     def eof_received(self) -> bool | None:
         return False
@@ -486,6 +506,8 @@ class _Server(ResponseReader):
         self.exchange = None
         if exchange is not None and exchange.server is self:
             exchange.server_lost(self)
+        elif self.tunnel is not None:
+            self.tunnel.close()
 
     def close(self) -> None:
         self.exchange = None
@@ -549,6 +571,8 @@ class _Client(RequestReader):
         "quiet_since",
         "touched",
         "transport",
+        "tunnel",
+        "upgrade_rest",
     )
 
     def __init__(self, frontend: _Frontend) -> None:
@@ -563,6 +587,8 @@ class _Client(RequestReader):
         self._starting = False
         self._eof = False
         self.closed = False
+        self.tunnel: _Tunnel | None = None
+        self.upgrade_rest = b""
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -571,6 +597,10 @@ class _Client(RequestReader):
 
     def _feed(self, data: bytes | memoryview) -> None:
         self.touched = True  # for _IdleClients
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.from_client(data if type(data) is bytes else bytes(data))
+            return
         try:
             self.feed(data)
         except RemoteProtocolError as exc:
@@ -607,6 +637,29 @@ class _Client(RequestReader):
         exchange = self._parsing
         if exchange is not None:
             exchange.request_body(data)
+
+    def upgraded(self, rest: bytes) -> None:
+        """The request just parsed asks to switch protocols: nothing more is parsed.
+        Keep what followed it and stop reading until the response decides: a 101
+        makes a tunnel (``tunnel_to``), anything else closes the connection after it."""
+        if self.closed:
+            return
+        self.upgrade_rest = rest
+        self.pause(_PAUSE_UPGRADE)
+
+    def tunnel_to(self, tunnel: _Tunnel) -> None:
+        """From now on this connection's bytes go through ``tunnel`` untouched."""
+        self.tunnel = tunnel
+        self._active = self._parsing = None
+        self._queue.clear()
+        self.release()
+        rest, self.upgrade_rest = self.upgrade_rest, b""
+        if rest:
+            tunnel.from_client(rest)
+        if self._paused & ~_PAUSE_PEER:
+            self._paused &= _PAUSE_PEER
+            if not self._paused and not self.closed:
+                self.transport.resume_reading()
 
     def message_complete(self) -> None:
         self._open = False
@@ -667,11 +720,15 @@ class _Client(RequestReader):
         active = self._active
         if active is not None:
             active.pause_server()
+        elif self.tunnel is not None:
+            self.tunnel.pause_server()
 
     def resume_writing(self) -> None:
         active = self._active
         if active is not None:
             active.resume_server()
+        elif self.tunnel is not None:
+            self.tunnel.resume_server()
 
     def eof_received(self) -> bool | None:
         # A client may half-close after its request (plain TCP): answer, then close.
@@ -688,6 +745,8 @@ class _Client(RequestReader):
         self._queue.clear()
         if active is not None:
             active.client_lost()
+        elif self.tunnel is not None:
+            self.tunnel.close()
         self._frontend.client_closed(self)
 
 
@@ -915,6 +974,12 @@ class _Exchange(ABC):
             if self.response is None:
                 self._down.append(informational_bytes(head))
             return
+        if head.status == 101:
+            upgrade = self.head.upgrade
+            if upgrade is None:
+                raise RemoteProtocolError("upgrade", "101 to a request that did not ask for it")
+            if head.upgrade is None:
+                head.upgrade = upgrade
         if not self._accept_response(head):
             return
         if self._deadlines is not None or self._retry_handle is not None:
@@ -930,6 +995,8 @@ class _Exchange(ABC):
             or (head.framing == UNTIL_CLOSE and http10)
             or self.bad_request_after is not None
             or client.closed
+            # an upgrade that was declined: the client's parser stopped at its request
+            or (self.head.upgrade is not None and head.status != 101)
         )
         self._down.append(
             response_bytes(head, chunked=self.chunked_out, close=close, http10_client=http10)
@@ -944,6 +1011,9 @@ class _Exchange(ABC):
         self._down.append(chunk(data) if self.chunked_out else data)
 
     def response_end(self, server: _Server, keep_alive: bool) -> None:
+        if self.status == 101:
+            self.switch(server)
+            return
         if self.chunked_out:
             self._down.append(LAST_CHUNK)
         self.flush()
@@ -961,6 +1031,24 @@ class _Exchange(ABC):
             client.resume(_PAUSE_PEER)
         self._response_done = True
         self._maybe_finish()
+
+    def switch(self, server: _Server) -> None:
+        """The 101 to an upgrade request went downstream: from now on the client and
+        ``server`` are spliced by a :class:`_Tunnel`. The exchange is over as a
+        request (timers, breaker and budget slots released); it is reported when
+        the tunnel closes, with the tunnel's bytes and duration (as Envoy does)."""
+        self.flush()
+        if self._idle_watch is not None:
+            self._unwatch_idle()
+        if self._deadlines is not None or self._retry_handle is not None:
+            self._cancel_timers()
+        self.server = None
+        server.exchange = None
+        self._response_done = self._request_done = self._finished = True
+        self._released()
+        tunnel = _Tunnel(self, self.client, server)
+        server.tunnel = tunnel
+        self.client.tunnel_to(tunnel)
 
     def server_lost(self, server: _Server) -> None:
         """The upstream connection closed while this exchange used it."""
@@ -1015,7 +1103,11 @@ class _Exchange(ABC):
             self._response_done = self._request_done = True
             self._maybe_finish()
             return
-        close = not self.head.keep_alive or self.bad_request_after is not None
+        close = (
+            not self.head.keep_alive
+            or self.bad_request_after is not None
+            or self.head.upgrade is not None  # the client's parser stopped at it
+        )
         self.close_after = close
         self._down.append(error_response(status, error, close=close, retry_after=retry_after))
         self.flush()
@@ -1161,6 +1253,58 @@ class _Exchange(ABC):
             "attempts": self.attempts,
             "error": self.error,
         }
+
+
+class _Tunnel:
+    """A client connection and an upstream connection after a 101 (WebSocket, h2c):
+    bytes are passed on untouched both ways, as in ``proxy/l4``. Reads count as the
+    client's activity (the listener's idle timeout closes a silent tunnel); a full
+    write buffer on one side pauses reading on the other; either side closing
+    closes both, and the upgrade request is reported then."""
+
+    __slots__ = ("client", "exchange", "over", "server")
+
+    def __init__(self, exchange: _Exchange, client: _Client, server: _Server) -> None:
+        self.exchange = exchange
+        self.client = client
+        self.server = server
+        self.over = False
+
+    def from_client(self, data: bytes) -> None:
+        self.exchange.bytes_in += len(data)
+        server = self.server
+        if not server.transport.is_closing():
+            server.transport.write(data)
+
+    def from_server(self, data: bytes) -> None:
+        self.exchange.bytes_out += len(data)
+        client = self.client
+        client.touched = True
+        if not client.closed:
+            client.transport.write(data)
+
+    def pause_server(self) -> None:
+        server = self.server
+        if not server.paused:
+            server.paused = True
+            server.transport.pause_reading()
+
+    def resume_server(self) -> None:
+        server = self.server
+        if server.paused:
+            server.paused = False
+            server.transport.resume_reading()
+
+    def close(self) -> None:
+        """One side is gone (or closing): close the other after what it has
+        buffered, and report the exchange once."""
+        if self.over:
+            return
+        self.over = True
+        self.client.close()
+        if not self.server.transport.is_closing():
+            self.server.close()
+        self.exchange._report()
 
 
 # ---------------------------------------------------------------------------- inbound

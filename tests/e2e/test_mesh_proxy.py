@@ -133,6 +133,14 @@ def hello(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         if request.path == "/slow":
             await asyncio.sleep(3)
+        if request.path == "/ws":  # a WebSocket: greets with its name, then echoes
+            socket = web.WebSocketResponse()
+            await socket.prepare(request)
+            await socket.send_str(f"{name} {request.headers.get('x-meshnode-source', '')}")
+            async for message in socket:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await socket.send_str(message.data)
+            return socket
         source = request.headers.get("x-meshnode-source", "")
         return web.Response(text=name, headers={"x-seen-source": source})
 
@@ -622,3 +630,27 @@ async def test_a_deny_cuts_open_tcp_connections_too(mesh: Mesh) -> None:
         server.close()
         await mesh.call("DELETE", mesh.a1, url)
         await mesh.deregister(mesh.a2, "db-1")
+
+
+async def test_a_websocket_crosses_both_workers(mesh: Mesh) -> None:
+    """api is an http service: the upgrade request is routed and authorized like any
+    request, then the 101 turns both proxies' connections into a tunnel."""
+    await mesh.call(
+        "PUT",
+        mesh.a1,
+        "/v1/connect/intentions/exact?source=web&destination=api",
+        {"Action": "allow"},
+    )
+
+    async def answers() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            return (await mesh.request()).status == 200
+        return False
+
+    await mesh.until(answers, "web → api answers")
+    async with mesh.session.ws_connect(mesh.upstream + "/ws") as socket:
+        greeting = await socket.receive_str(timeout=10)
+        assert greeting in ("v1 web", "v2 web")  # the inbound proxy named the caller
+        for i in range(100):
+            await socket.send_str(f"message {i}")
+            assert await socket.receive_str(timeout=10) == f"message {i}"

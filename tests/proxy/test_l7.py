@@ -97,6 +97,23 @@ async def start_backend(name: str) -> Backend:
                 await response.write(b"piece %d;" % i)
             await response.write_eof()
             return response
+        if path.startswith("/ws"):
+            # A WebSocket echo (tests/proxy/test_l7_upgrade.py): greets, then echoes
+            # every message; "close" makes the server close.
+            if request.headers.get("upgrade", "").lower() != "websocket":
+                return web.Response(status=426, text="websocket only")
+            socket = web.WebSocketResponse()
+            await socket.prepare(request)
+            await socket.send_str(f"hello from {name}")
+            async for message in socket:
+                if message.type == aiohttp.WSMsgType.TEXT and message.data == "close":
+                    break
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await socket.send_str(message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await socket.send_bytes(message.data)
+            await socket.close()
+            return socket
         if path.startswith("/big"):
             size = int(request.query["n"])
             return web.Response(body=b"x" * size, headers={"x-backend": name})

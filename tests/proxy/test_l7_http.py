@@ -418,3 +418,74 @@ def test_any_split_of_a_response_stream_parses_to_the_same_messages(
     reader = parse_responses(*pieces)
     assert [m.body for m in reader.messages] == [body for body, _ in bodies]
     assert all(m.complete for m in reader.messages)
+
+
+# ------------------------------------------------------------------- upgrades
+
+
+class Upgrading(Requests):
+    __slots__ = ("rest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rest: bytes | None = None
+
+    def upgraded(self, rest: bytes) -> None:
+        self.rest = rest
+
+
+@pytest.mark.parametrize("split", [0, 30, 96, 98])
+def test_an_upgrade_request_keeps_its_upgrade_and_hands_over_what_follows(split: int) -> None:
+    wire = (
+        b"GET /chat HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: k\r\n\r\n"
+    )
+    reader = Upgrading()
+    for piece in (wire + b"frame")[:split], (wire + b"frame")[split:]:
+        if piece and reader.rest is None:
+            reader.feed(piece)
+    [message] = reader.messages
+    head = message.head
+    assert isinstance(head, RequestHead) and message.complete
+    assert head.upgrade == b"websocket" and head.names == [b"host", b"sec-websocket-key"]
+    # A split inside "frame" hands over its first part; the rest would go to the tunnel.
+    assert len(wire) == 96
+    assert reader.rest == (b"frame" if split < len(wire) else b"frame"[: split - len(wire)])
+    assert request_bytes(head, head.target) == (
+        b"GET /chat HTTP/1.1\r\nHost: api\r\nSec-WebSocket-Key: k\r\n"
+        b"connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    )
+
+
+def test_an_upgrade_header_without_connection_upgrade_is_dropped() -> None:
+    [message] = parse_requests(b"GET / HTTP/1.1\r\nHost: api\r\nUpgrade: h2c\r\n\r\n")
+    assert isinstance(message.head, RequestHead) and message.head.upgrade is None
+    assert b"upgrade" not in request_bytes(message.head, b"/").lower()
+
+
+def test_connect_and_upgrades_on_a_reader_that_does_not_tunnel_are_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="CONNECT"):
+        parse_requests(b"CONNECT api:443 HTTP/1.1\r\nHost: api\r\n\r\n")
+    with pytest.raises(RemoteProtocolError, match="upgrade"):
+        parse_requests(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n")
+
+
+def test_a_101_response_is_rebuilt_with_its_upgrade() -> None:
+    class Switching(Responses):
+        __slots__ = ("rest",)
+
+        def upgraded(self, rest: bytes) -> None:
+            self.rest = rest
+
+    reader = Switching()
+    reader.feed(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: a\r\n\r\n\x81\x02hi"
+    )
+    head = reader.messages[0].head
+    assert isinstance(head, ResponseHead) and head.status == 101 and head.framing == NO_BODY
+    assert reader.rest == b"\x81\x02hi"
+    assert response_bytes(head, chunked=False, close=False, http10_client=False) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: a\r\n"
+        b"connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    )
