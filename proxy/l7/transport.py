@@ -65,6 +65,15 @@ policy, a request that fails on a *reused* pooled connection before any response
 (the peer closed an idle connection as we wrote: a race every pool has) is sent
 again once on a new connection, on both sides.
 
+Upgrades (WebSocket, h2c; not CONNECT): the upgrade request is routed, authorized,
+limited and retried like any other, sent with ``Connection: upgrade``; the client is
+not read further until the response. A 101 makes a :class:`_Tunnel` of the client and
+the upstream connection (which leaves its pool for good): bytes both ways untouched,
+backpressure and the listener's idle timeout as for any connection, and the exchange
+reported when the tunnel closes, with its bytes and duration. Any other answer goes
+to the client with ``connection: close``. On the inbound side a new snapshot
+re-authorizes every open tunnel's upgrade request and closes the ones now denied.
+
 Errors the proxy generates carry ``x-meshnode-error`` (``http.error_response``). A
 failure after a response has started can only be reported by closing the client.
 
@@ -1499,9 +1508,12 @@ class HttpInbound:
 
     def update(self, runtime: InboundRuntime) -> None:
         """A new snapshot: new requests use it. Pooled connections to local
-        addresses no target has any more are closed (busy ones once done)."""
+        addresses no target has any more are closed (busy ones once done), and so
+        are the tunnels (WebSockets) whose upgrade request it denies."""
         previous = self._runtime
         self._runtime = runtime
+        if runtime is not previous:
+            self._revoke_tunnels(runtime)
         if previous.inbound is not runtime.inbound:
             wanted: set[object] = {
                 address
@@ -1510,6 +1522,24 @@ class HttpInbound:
             }
             self._pool.retire(wanted)
             self._idle.reschedule()
+
+    def _revoke_tunnels(self, runtime: InboundRuntime) -> None:
+        """Requests are authorized one by one, but a tunnel outlives its request: as
+        for tcp connections (``proxy.l4``), each open tunnel's upgrade request is
+        authorized again with the new intentions, and closed when now denied."""
+        for client in list(self._clients):
+            tunnel = client.tunnel
+            if tunnel is None or tunnel.over:
+                continue
+            connection = cast(_InboundConnection, client._frontend)
+            service = connection.current_service.name
+            head = tunnel.exchange.head
+            verdict = runtime.authorize_request(connection.peer_id, service, head.request())
+            if verdict.allowed:
+                continue
+            self._telemetry.denied(connection.source, service, "l7")
+            tunnel.exchange.error = f"intention: denied by {verdict.rule}"
+            tunnel.close()
 
     def _idle_timeout(self, client: _Client) -> float:
         connection = cast(_InboundConnection, client._frontend)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 from collections.abc import Callable
+from dataclasses import replace
 
 import aiohttp
 import pytest
 
 from proxy.match import HttpMatch
-from proxy.snapshot import IntentionRule, Permission
+from proxy.runtime import compile_snapshot
+from proxy.snapshot import IntentionRule, Permission, Snapshot
 from tests.proxy.test_l7 import WAIT_S, Knobs, Mesh, client, mesh
 from tests.proxy.test_tls import Pki, make_pki
 
@@ -152,3 +155,30 @@ async def test_a_silent_tunnel_is_closed_after_the_idle_timeout(pki: Pki) -> Non
             message = await socket.receive(timeout=WAIT_S)  # then silence: closed
             assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         await _eventually(lambda: len(_access(m, "outbound")) == 1)
+
+
+async def test_a_deny_closes_open_websockets_and_an_allow_keeps_them(pki: Pki) -> None:
+    async with mesh(pki) as m, client() as session:
+        host = m.hosts[0]
+
+        def update(**service: object) -> None:
+            runtime = host.inbound._runtime
+            changed = replace(runtime.inbound.services["api"], **service)
+            inbound = replace(runtime.inbound, services={"api": changed})
+            snapshot = Snapshot(3, m.pki.trust_domain, (m.pki.root_pem,), inbound=inbound)
+            new = compile_snapshot(snapshot, None, random.Random(1)).inbound
+            assert new is not None
+            host.inbound.update(new)
+
+        async with session.ws_connect(m.url("/ws")) as socket:
+            assert (await socket.receive_str()) == "hello from b0"
+            update(rate_limit=None)  # a new snapshot that still allows: kept
+            await socket.send_str("still here")
+            assert (await socket.receive_str()) == "still here"
+            update(default_allow=False, intentions=())
+            message = await socket.receive(timeout=WAIT_S)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        await _eventually(lambda: len(_access(m, "inbound")) == 1)
+        (record,) = _access(m, "inbound")
+        assert record["status"] == 101 and record["error"] == "intention: denied by default deny"
+        assert m.counter("intention_denials") == 1
