@@ -53,6 +53,7 @@ import msgpack
 import structlog
 
 from proxy.snapshot import MAX_SNAPSHOT_BYTES, Snapshot, encode
+from proxy.unixpath import reachable_unix_path
 
 log = structlog.get_logger()
 
@@ -67,8 +68,6 @@ DEBOUNCE: Final = 0.03
 HELLO_TIMEOUT: Final = 5.0
 #: A worker whose unread snapshots pile up beyond this is dropped (it reconnects).
 MAX_WRITE_BUFFER: Final = 4 * MAX_SNAPSHOT_BYTES
-#: sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL.
-MAX_SOCKET_PATH: Final = 107
 RESTART_BACKOFF_MIN: Final = 0.1
 RESTART_BACKOFF_MAX: Final = 5.0
 #: A worker alive this long had a good run: the next restart is immediate again.
@@ -199,20 +198,18 @@ class ProxyControl:
     async def start(self) -> None:
         """Build the first snapshot, listen, and start the worker (if managed)."""
         path = self.socket_path
-        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            raise ValueError(
-                f"{path} is longer than {MAX_SOCKET_PATH} bytes, the limit of a unix"
-                " socket path: use a shorter data_dir"
-            )
         self._rebuild()
         with contextlib.suppress(FileNotFoundError):
             mode = path.lstat().st_mode
             if stat.S_ISDIR(mode):
                 raise ValueError(f"{path} is a directory")
             path.unlink()  # stale: the data_dir lock says no other agent runs here
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(path), limit=MAX_FRAME_BYTES + _LENGTH.size
-        )
+        # A data dir deeper than a unix socket address allows is reached through a
+        # descriptor of it (the worker connects the same way).
+        with reachable_unix_path(path) as reachable:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=reachable, limit=MAX_FRAME_BYTES + _LENGTH.size
+            )
         os.chmod(path, 0o600)
         log.info("proxy_control_listening", socket=str(path), version=self._version)
         self._start_worker_if_needed()

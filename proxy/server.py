@@ -51,6 +51,7 @@ import msgpack
 from proxy.dataplane import SnapshotRejected
 from proxy.plane import DataPlane
 from proxy.snapshot import MAX_SNAPSHOT_BYTES, SnapshotError, decode
+from proxy.unixpath import reachable_unix_path
 
 log = logging.getLogger("proxy.worker")
 
@@ -154,7 +155,8 @@ class Worker:
         first = True
         while not self.stop.is_set():
             try:
-                reader, writer = await asyncio.open_unix_connection(path)
+                with reachable_unix_path(path) as reachable:
+                    reader, writer = await asyncio.open_unix_connection(reachable)
             except OSError as exc:
                 if exit_with_agent:
                     log.error("control_connect_failed path=%s error=%s", path, exc)

@@ -364,6 +364,32 @@ async def test_real_worker_applies_and_reports(short_dir: Path) -> None:
         os.kill(pid, 0)
 
 
+async def test_a_data_dir_deeper_than_a_socket_address_still_gets_its_worker(
+    short_dir: Path,
+) -> None:
+    """Nomad's alloc dirs are deep: a socket path over sun_path's 107 bytes is bound
+    and connected to through a descriptor of its directory, by the agent and by the
+    real worker."""
+    deep = short_dir / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    source = Source()
+    path = deep / "proxy.sock"
+    assert len(os.fsencode(path)) > 107
+    proxy = ProxyControl(
+        path,
+        source.build,
+        worker_command=worker_command(path, event_loop="asyncio"),
+        start_worker_when_needed=False,
+    )
+    await proxy.start()
+    try:
+        assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o600
+        await asyncio.wait_for(proxy.wait_for(lambda s: s.applied_version == 1), 20)
+    finally:
+        await proxy.aclose()
+    assert not path.exists()
+
+
 @pytest.mark.slow
 async def test_meshnode_proxy_command_connects_to_the_agent_socket(short_dir: Path) -> None:
     """``meshnode proxy -data-dir DIR`` execs the worker against ``DIR/proxy.sock``."""
