@@ -21,7 +21,9 @@ does dictionary lookups and one RNG draw; everything else is done at compile tim
   first ``*`` rule for everyone else, so a decision is one ``dict.get``;
 * a route's splits become cumulative weights (zero weights dropped) for one bisect of
   one draw, or the cluster itself when there is one split;
-* failover is resolved per cluster (endpoints do not change within a snapshot);
+* failover is resolved per cluster (endpoints do not change within a snapshot) into
+  its chain of clusters with endpoints; a request walks it only when the chain has
+  more than one and a cluster of it is fully ejected by outlier detection;
 * ``hash_on`` is parsed into (kind, name) pairs.
 
 What is carried over, and when (identity is the name; the *configuration* must also be
@@ -400,6 +402,7 @@ class ClusterRuntime:
         "budget",
         "budget_settings",
         "cluster",
+        "failover_chain",
         "failover_target",
     )
 
@@ -425,7 +428,11 @@ class ClusterRuntime:
         self._count = len(endpoints)
         self._has_endpoints = bool(endpoints)
         self.failover_target: ClusterRuntime | None = self if endpoints else None
-        """What ``UpstreamRuntime.resolve`` answers for this cluster (set by it)."""
+        """What ``UpstreamRuntime.resolve`` answers for this cluster while no
+        endpoint is ejected (set by it)."""
+        self.failover_chain: tuple[ClusterRuntime, ...] = (self,) if endpoints else ()
+        """This cluster and its failover clusters that have endpoints, in order:
+        ``resolve`` passes over the ones whose endpoints are all ejected."""
         self.active = previous.active if previous is not None else {}
         self.breaker = self._breaker(cluster, previous)
         self.budget_settings = (budget_percent, min_retry_concurrency)
@@ -545,6 +552,16 @@ class ClusterRuntime:
 
     def has_endpoints(self) -> bool:
         return self._has_endpoints
+
+    def all_ejected(self, now: float) -> bool:
+        """Every endpoint is ejected by outlier detection at ``now``."""
+        outlier = self._detector
+        if outlier is None:
+            return False
+        if self._unsynced is not None:
+            self._sync_outlier()
+        ejected = outlier.ejected(now)
+        return len(ejected) >= self._count and self._all <= ejected
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -669,7 +686,8 @@ class UpstreamRuntime:
                 min_retry_concurrency=minimum,
             )
         for runtime in clusters.values():
-            runtime.failover_target = _failover(runtime, clusters)
+            runtime.failover_chain = _failover_chain(runtime, clusters)
+            runtime.failover_target = runtime.failover_chain[0] if runtime.failover_chain else None
         self.clusters = clusters
         self._matchers = tuple(
             (route, None if route.match.empty else route.match) for route in upstream.routes
@@ -702,10 +720,21 @@ class UpstreamRuntime:
         point = self._random() * split.total
         return split.clusters[bisect_right(split.cumulative, point, 0, split.last)]
 
-    def resolve(self, cluster: ClusterRuntime) -> ClusterRuntime | None:
+    def resolve(self, cluster: ClusterRuntime, now: float) -> ClusterRuntime | None:
         """``cluster`` when it has endpoints, else its first failover cluster that
-        has; None when no cluster in the chain has an endpoint."""
-        return cluster.failover_target
+        has; None when no cluster in the chain has an endpoint. A cluster whose
+        endpoints are *all* ejected by outlier detection at ``now`` is passed over
+        for the next one in its failover chain that has one in service (Envoy counts
+        ejected hosts as unhealthy for failover too); when every cluster of the chain
+        is fully ejected, the first is used (``ClusterRuntime.pick`` then ignores
+        ejections: panic mode)."""
+        chain = cluster.failover_chain
+        if len(chain) < 2:
+            return cluster.failover_target
+        for candidate in chain:
+            if not candidate.all_ejected(now):
+                return candidate
+        return chain[0]
 
     def hash_key(
         self, cluster: ClusterRuntime, request: HttpRequest | None, source_ip: str
@@ -742,16 +771,15 @@ def _budget_settings(upstream: Upstream, cluster: str) -> tuple[float, int]:
     return (DEFAULT_BUDGET_PERCENT, DEFAULT_MIN_RETRY_CONCURRENCY)
 
 
-def _failover(
+def _failover_chain(
     runtime: ClusterRuntime, clusters: Mapping[str, ClusterRuntime]
-) -> ClusterRuntime | None:
-    if runtime.has_endpoints():
-        return runtime
+) -> tuple[ClusterRuntime, ...]:
+    chain = [runtime] if runtime.has_endpoints() else []
     for name in runtime.cluster.failover:
         other = clusters.get(name)
-        if other is not None and other.has_endpoints():
-            return other
-    return None
+        if other is not None and other.has_endpoints() and other not in chain:
+            chain.append(other)
+    return tuple(chain)
 
 
 # ---------------------------------------------------------------------------- checks

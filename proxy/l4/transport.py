@@ -916,7 +916,7 @@ class OutboundListener(_Listener):
         runtime = config.runtime
         route = runtime.route(None)
         link.route = route.name
-        cluster = runtime.resolve(runtime.split(route))
+        cluster = runtime.resolve(runtime.split(route), asyncio.get_running_loop().time())
         if cluster is None:
             self.telemetry.no_endpoint(link.source, link.destination)
             self._refuse(link, ERROR_NO_ENDPOINT)

@@ -1630,7 +1630,7 @@ class _OutboundExchange(_Exchange):
         else:
             request = head.request() if listener._needs_request else None
             route = self._route = runtime.route(request)
-            cluster = runtime.resolve(runtime.split(route))
+            cluster = runtime.resolve(runtime.split(route), self.client.loop.time())
         if cluster is None:
             listener._telemetry.no_endpoint(upstream.source, upstream.destination)
             self.respond_error(503, f"no-healthy-endpoint: {upstream.destination}")
@@ -1987,7 +1987,10 @@ def _fixed_choice(
     route = runtime.route(None)
     if len(route.splits) != 1:
         return None
-    return runtime, route, runtime.resolve(runtime.split(route))
+    cluster = runtime.split(route)
+    if len(cluster.failover_chain) > 1:
+        return None  # which cluster depends on ejections: resolved per request
+    return runtime, route, cluster.failover_target
 
 
 class HttpOutboundListener(_Frontend):

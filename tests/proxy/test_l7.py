@@ -507,6 +507,21 @@ async def test_an_ejected_endpoint_is_skipped(pki: Pki) -> None:
         assert m.hosts[0].backend.hits["/e"] == failed
 
 
+async def test_a_subset_whose_instances_are_all_ejected_fails_over(pki: Pki) -> None:
+    """c0 (all traffic) fails over to c1: once c0's only instance is ejected, requests
+    go to c1 — not to the ejected instance in panic mode — until the ejection ends."""
+    outlier = Outlier(consecutive_5xx=1, base_ejection_time=30.0, max_ejection_percent=100)
+    knobs = Knobs(split=(10_000, 0), cluster={"outlier": outlier, "failover": ("c1",)})
+    async with mesh(pki, knobs) as m, client() as s:
+        m.hosts[0].backend.fail_with = 500
+        async with s.get(m.url("/f")) as response:
+            assert response.status == 500  # c0's instance answers, and is ejected
+        for _ in range(10):
+            async with s.get(m.url("/f")) as response:
+                assert response.status == 200 and response.headers["x-backend"] == "b1"
+        assert m.hosts[0].backend.hits["/f"] == 1
+
+
 def test_an_80_20_split_within_2_percent_through_the_runtime() -> None:
     leaf = Certificate("", "", "spiffe://t/ns/default/dc/dc1/svc/web")
     clusters = {

@@ -371,10 +371,10 @@ def test_resolve_follows_failover_to_the_first_cluster_with_endpoints() -> None:
     }
     runtime = compile_upstream(clusters)
     api = runtime.clusters["api"]
-    resolved = runtime.resolve(api)
+    resolved = runtime.resolve(api, 0.0)
     assert resolved is runtime.clusters["dc3"]
-    assert runtime.resolve(runtime.clusters["dc3"]) is runtime.clusters["dc3"]
-    assert runtime.resolve(runtime.clusters["gone"]) is None
+    assert runtime.resolve(runtime.clusters["dc3"], 0.0) is runtime.clusters["dc3"]
+    assert runtime.resolve(runtime.clusters["gone"], 0.0) is None
     assert not api.has_endpoints()
     assert api.pick(0.0) is None
 
@@ -463,6 +463,46 @@ def test_panic_when_every_endpoint_is_ejected() -> None:
     fail(api, second, 1, 0.0)
     assert {api.pick(1.0) for _ in range(10)} == {first, second}  # panic: all ejected
     assert api.pick(1.0, exclude={first}) == second  # exclude still holds in panic
+
+
+def test_a_cluster_whose_endpoints_are_all_ejected_fails_over() -> None:
+    """Envoy (and so Consul) counts outlier-ejected hosts as unhealthy for failover:
+    a subset whose every instance is ejected sends to the next one in service."""
+    outlier = Outlier(consecutive_5xx=1, base_ejection_time=30.0, max_ejection_percent=100)
+    runtime = compile_upstream(
+        {
+            "v1": cluster("v1", 2, outlier=outlier, failover=("v2", "v3")),
+            "v2": cluster("v2", 1, outlier=outlier),
+            "v3": cluster("v3", 1),
+        }
+    )
+    v1, v2, v3 = (runtime.clusters[name] for name in ("v1", "v2", "v3"))
+    assert [c.cluster.name for c in v1.failover_chain] == ["v1", "v2", "v3"]
+    first, second = endpoints(2, "v1")
+    fail(v1, first, 1, 0.0)
+    assert runtime.resolve(v1, 1.0) is v1  # one instance still in service
+    fail(v1, second, 1, 0.0)
+    assert runtime.resolve(v1, 1.0) is v2
+    fail(v2, endpoints(1, "v2")[0], 1, 0.0)
+    assert runtime.resolve(v1, 1.0) is v3
+    assert runtime.resolve(v1, 31.0) is v1  # the ejections ended: back to the primary
+    # No failover configured: panic mode within the cluster, as before.
+    assert runtime.resolve(v2, 1.0) is v2
+
+
+def test_when_the_whole_chain_is_ejected_the_primary_is_used_in_panic() -> None:
+    outlier = Outlier(consecutive_5xx=1, max_ejection_percent=100)
+    runtime = compile_upstream(
+        {
+            "v1": cluster("v1", 1, outlier=outlier, failover=("v2",)),
+            "v2": cluster("v2", 1, outlier=outlier),
+        }
+    )
+    v1, v2 = runtime.clusters["v1"], runtime.clusters["v2"]
+    fail(v1, endpoints(1, "v1")[0], 1, 0.0)
+    fail(v2, endpoints(1, "v2")[0], 1, 0.0)
+    assert runtime.resolve(v1, 1.0) is v1
+    assert v1.pick(1.0) == endpoints(1, "v1")[0]
 
 
 def test_compiled_drives_every_cluster_timer_and_collects_events() -> None:
