@@ -83,6 +83,12 @@ class Mesh:
             body = await response.text()
             return Answer(response.status, body, dict(response.headers))
 
+    async def answers(self) -> bool:
+        """web → api answers 200 through both proxies."""
+        with contextlib.suppress(aiohttp.ClientError):
+            return (await self.request()).status == 200
+        return False
+
     async def backend(
         self, name: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> int:
@@ -201,12 +207,7 @@ async def mesh() -> AsyncIterator[Mesh]:
             {"Action": "allow"},
         )
 
-        async def answers() -> bool:
-            with contextlib.suppress(aiohttp.ClientError):
-                return (await cluster.request()).status == 200
-            return False
-
-        took = await cluster.until(answers, "web → api answers through both proxies", 60.0)
+        took = await cluster.until(cluster.answers, "web → api answers through both proxies", 60.0)
         print(f"\nweb → api answered {took:.2f} s after registration")
         yield cluster
     finally:
@@ -642,12 +643,7 @@ async def test_a_websocket_crosses_both_workers(mesh: Mesh) -> None:
         {"Action": "allow"},
     )
 
-    async def answers() -> bool:
-        with contextlib.suppress(aiohttp.ClientError):
-            return (await mesh.request()).status == 200
-        return False
-
-    await mesh.until(answers, "web → api answers")
+    await mesh.until(mesh.answers, "web → api answers")
     async with mesh.session.ws_connect(mesh.upstream + "/ws") as socket:
         greeting = await socket.receive_str(timeout=10)
         assert greeting in ("v1 web", "v2 web")  # the inbound proxy named the caller

@@ -336,17 +336,22 @@ def test_worker_command() -> None:
 
 
 @pytest.mark.slow
-async def test_real_worker_applies_and_reports(short_dir: Path) -> None:
-    """The real ``python -m proxy --control`` worker, managed: it applies the snapshot,
-    sends stats, and exits when the agent closes the socket."""
-    source = Source()
-    path = short_dir / "proxy.sock"
-    proxy = ProxyControl(
+def managed_with_real_worker(path: Path, source: Source) -> ProxyControl:
+    """A control socket at ``path`` supervising the real ``python -m proxy`` worker,
+    started at once."""
+    return ProxyControl(
         path,
         source.build,
         worker_command=worker_command(path, event_loop="asyncio"),
         start_worker_when_needed=False,
     )
+
+
+async def test_real_worker_applies_and_reports(short_dir: Path) -> None:
+    """The real ``python -m proxy --control`` worker, managed: it applies the snapshot,
+    sends stats, and exits when the agent closes the socket."""
+    source = Source()
+    proxy = managed_with_real_worker(short_dir / "proxy.sock", source)
     await proxy.start()
     try:
         stats = await asyncio.wait_for(
@@ -372,15 +377,9 @@ async def test_a_data_dir_deeper_than_a_socket_address_still_gets_its_worker(
     real worker."""
     deep = short_dir / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    source = Source()
     path = deep / "proxy.sock"
     assert len(os.fsencode(path)) > 107
-    proxy = ProxyControl(
-        path,
-        source.build,
-        worker_command=worker_command(path, event_loop="asyncio"),
-        start_worker_when_needed=False,
-    )
+    proxy = managed_with_real_worker(path, Source())
     await proxy.start()
     try:
         assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o600

@@ -370,12 +370,17 @@ async def test_multi_megabyte_bodies_both_ways(pki: Pki) -> None:
             assert response.status == 200  # the connection is still good
 
 
-async def test_an_l7_intention_denies_with_the_rule_in_the_header(pki: Pki) -> None:
+def allow_only(path_prefix: str) -> Knobs:
+    """api allows web only on paths under ``path_prefix`` (rule "web => api"), and
+    denies everything else."""
     rule = IntentionRule(
-        "web", "", "web => api", (Permission("allow", HttpMatch(path_prefix="/ok")),)
+        "web", "", "web => api", (Permission("allow", HttpMatch(path_prefix=path_prefix)),)
     )
-    knobs = Knobs(service={"intentions": (rule,), "default_allow": False})
-    async with mesh(pki, knobs) as m, client() as session:
+    return Knobs(service={"intentions": (rule,), "default_allow": False})
+
+
+async def test_an_l7_intention_denies_with_the_rule_in_the_header(pki: Pki) -> None:
+    async with mesh(pki, allow_only("/ok")) as m, client() as session:
         async with session.get(m.url("/ok/1")) as response:
             assert response.status == 200
         async with session.post(m.url("/secret"), data=b"x" * 1000) as response:
@@ -589,18 +594,22 @@ async def test_head_and_bad_requests(pki: Pki) -> None:
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"b0")
 
 
+def update_service(m: Mesh, host: Host, **changes: Any) -> None:
+    """Give ``host``'s inbound a new snapshot where the api service has ``changes``."""
+    runtime = host.inbound._runtime
+    changed = replace(runtime.inbound.services["api"], **changes)
+    inbound = replace(runtime.inbound, services={"api": changed})
+    snapshot = Snapshot(3, m.pki.trust_domain, (m.pki.root_pem,), inbound=inbound)
+    new = compile_snapshot(snapshot, None, random.Random(1)).inbound
+    assert new is not None
+    host.inbound.update(new)
+
+
 async def test_update_swaps_the_runtime_for_new_requests(pki: Pki) -> None:
     async with mesh(pki) as m, client() as session:
         async with session.get(m.url("/")) as response:
             assert response.status == 200
-        host = m.hosts[0]
-        runtime = host.inbound._runtime
-        denied = replace(runtime.inbound.services["api"], default_allow=False, intentions=())
-        inbound = replace(runtime.inbound, services={"api": denied})
-        snapshot = Snapshot(3, m.pki.trust_domain, (m.pki.root_pem,), inbound=inbound)
-        new = compile_snapshot(snapshot, None, random.Random(1)).inbound
-        assert new is not None
-        host.inbound.update(new)
+        update_service(m, m.hosts[0], default_allow=False, intentions=())
         async with session.get(m.url("/")) as response:
             assert response.status == 403
             assert response.headers["x-meshnode-error"] == "intention: denied by default deny"

@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 from collections.abc import Callable
-from dataclasses import replace
 
 import aiohttp
 import pytest
 
-from proxy.match import HttpMatch
-from proxy.runtime import compile_snapshot
-from proxy.snapshot import IntentionRule, Permission, Snapshot
-from tests.proxy.test_l7 import WAIT_S, Knobs, Mesh, client, mesh
+from tests.proxy.test_l7 import (
+    WAIT_S,
+    Knobs,
+    Mesh,
+    allow_only,
+    client,
+    mesh,
+    update_service,
+)
 from tests.proxy.test_tls import Pki, make_pki
 
 
@@ -117,11 +120,7 @@ async def test_a_declined_upgrade_is_answered_and_the_connection_closed(pki: Pki
 
 
 async def test_an_l7_intention_is_checked_on_the_upgrade_request(pki: Pki) -> None:
-    rule = IntentionRule(
-        "web", "", "web => api", (Permission("allow", HttpMatch(path_prefix="/ws/open")),)
-    )
-    knobs = Knobs(service={"intentions": (rule,), "default_allow": False})
-    async with mesh(pki, knobs) as m, client() as session:
+    async with mesh(pki, allow_only("/ws/open")) as m, client() as session:
         async with session.ws_connect(m.url("/ws/open")) as socket:
             assert (await socket.receive_str()) == "hello from b0"
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -159,23 +158,12 @@ async def test_a_silent_tunnel_is_closed_after_the_idle_timeout(pki: Pki) -> Non
 
 async def test_a_deny_closes_open_websockets_and_an_allow_keeps_them(pki: Pki) -> None:
     async with mesh(pki) as m, client() as session:
-        host = m.hosts[0]
-
-        def update(**service: object) -> None:
-            runtime = host.inbound._runtime
-            changed = replace(runtime.inbound.services["api"], **service)
-            inbound = replace(runtime.inbound, services={"api": changed})
-            snapshot = Snapshot(3, m.pki.trust_domain, (m.pki.root_pem,), inbound=inbound)
-            new = compile_snapshot(snapshot, None, random.Random(1)).inbound
-            assert new is not None
-            host.inbound.update(new)
-
         async with session.ws_connect(m.url("/ws")) as socket:
             assert (await socket.receive_str()) == "hello from b0"
-            update(rate_limit=None)  # a new snapshot that still allows: kept
+            update_service(m, m.hosts[0], rate_limit=None)  # still allowed: kept
             await socket.send_str("still here")
             assert (await socket.receive_str()) == "still here"
-            update(default_allow=False, intentions=())
+            update_service(m, m.hosts[0], default_allow=False, intentions=())
             message = await socket.receive(timeout=WAIT_S)
             assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         await _eventually(lambda: len(_access(m, "inbound")) == 1)
