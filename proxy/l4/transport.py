@@ -17,7 +17,9 @@ the proxy opened). Bytes read on one side are written to the other, untouched:
   per proxy with the shared buffer and a counting method, 34.3k with this, 33.4k
   for a bare forwarder. uvloop's TLS transport decrypts only what is pending (it
   checks ``SSLObject.pending()`` first), so the 256 KiB ``SSLObject.read`` of a
-  copying protocol is one malloc/realloc from the heap, not the ~10 µs that
+  copying protocol is one malloc/realloc from the heap — once the worker has fixed
+  glibc's mmap threshold (``proxy.server.tune_allocator``); before, it was an
+  ``mmap``/``mremap``/``munmap`` per read in some workers, the ~10 µs that
   reference/proxy-speed.md measured for reading into a fresh 256 KiB buffer.
 * **Per read, one attribute update**: the link's byte count, in the reading
   side's class (:class:`_Downstream` or :class:`_Upstream`: no branch, no method
